@@ -1,0 +1,180 @@
+# nixeryd's evaluation expression: load a package set, resolve image package names
+# in it, and instantiate the derivations. Only Nix builtins are used (no nixpkgs
+# lib), so any package set works, including ones built without nixpkgs.
+#
+# Invocation (all arguments are strings; the structured ones are JSON):
+#
+#   nix-instantiate --eval --strict --json --read-write-mode nix/nixeryd.nix \
+#     --argstr srcType path \
+#     --argstr srcArgs '{"path":"/abs/dir"}' \
+#     --argstr packages '["hello","tools.greeter"]' \
+#     --argstr optionalPackages '["cacert","iana-etc"]' \
+#     --argstr system x86_64-linux
+#
+# Arguments:
+#   srcType           "path" | "git" | "tarball"
+#   srcArgs           JSON object, by srcType:
+#                       path:    {"path": ABS}  a directory holding default.nix, or a .nix file
+#                       git:     {"url": U, "ref"?: R, "rev"?: 40-hex}  -> builtins.fetchGit with
+#                                the keys given, plus allRefs = true when rev is given (so a
+#                                rev on any branch or tag is found), or ref = "HEAD" when
+#                                neither is given (Nix 2.8 otherwise fetches "master" from a
+#                                remote, and a local checkout's uncommitted working tree).
+#                                Nix 2.8 fetches a ref R that does not start with "refs/" as
+#                                "refs/heads/R" from a remote, so the caller passes a tag T as
+#                                "refs/tags/T".
+#                       tarball: {"url": U, "sha256"?: H}  -> builtins.fetchTarball
+#   packages          JSON list of requested names (strings)
+#   optionalPackages  JSON list of names added when the package set has them (default [])
+#   system            the target system, e.g. "aarch64-linux" (default builtins.currentSystem)
+#
+# The package set is the imported value: an attribute set, or a function. A function
+# is called with the subset of { system; config = {}; overlays = []; } that its formals
+# name; a function with no named formals (`x: ...` or `{ ... }: ...`) gets { system; }.
+#
+# Name resolution, per requested name: "." separates a nested attribute path
+# ("xorg.xev"). Each component is looked up, at its level, as: the exact name; then,
+# when it starts with a digit, "_" + name ("9lives" -> "_9lives"); then both of these
+# through a table of that level's attribute names lower-cased ("helloworld" ->
+# "helloWorld", "haskellpackages.foo" -> "haskellPackages.foo"). A name whose value is
+# not a derivation (an attribute set with type = "derivation") is missing. Optional
+# names that are missing are dropped silently. Two names resolving to the same
+# attribute path are listed once (the first one).
+#
+# Output (with --eval --strict --json), attribute names sorted by Nix:
+#   {"missing": [requested names not found, in request order],
+#    "packages": [{"attrPath": "tools.greeter", "drvPath": "/nix/store/…drv",
+#                  "name": "tools.greeter", "outputPath": "/nix/store/…"}, ...]}
+# `packages` holds the requested packages in request order, then the optional ones;
+# it is [] whenever `missing` is not (nothing is instantiated then). Forcing drvPath
+# writes the .drv files to the store (hence --read-write-mode), so
+# `nix-store --realise DRVPATH` builds the package afterwards. outputPath is the
+# derivation's outPath (its default output). It cannot be called "outPath": Nix
+# prints any attribute set that has an outPath attribute as that string alone
+# (--json, builtins.toJSON), so {"outPath": …, "drvPath": …} would come out as "/nix/store/…".
+#
+# Errors are not caught: a package that fails to evaluate (a `throw`, an assertion,
+# nixpkgs' broken/unfree checks) makes nix-instantiate exit non-zero with Nix's own
+# message on stderr, e.g. "error: nixeryd-test: this package fails to evaluate".
+# nix-instantiate streams its JSON, so stdout may then hold a fragment such as
+# `{"missing":`: check the exit status before parsing stdout.
+{ srcType
+, srcArgs
+, packages
+, optionalPackages ? "[]"
+, system ? builtins.currentSystem
+}:
+let
+  inherit (builtins) attrNames concatStringsSep elem filter foldl' fromJSON functionArgs
+    hasAttr head intersectAttrs isAttrs isFunction isString listToAttrs
+    replaceStrings split substring tail;
+
+  args = fromJSON srcArgs;
+
+  # The keys of `args` among `names`, and their values.
+  pick = names:
+    listToAttrs (map (n: { name = n; value = args.${n}; }) (filter (n: hasAttr n args) names));
+
+  source =
+    if srcType == "path" then
+      (if !(isString (args.path or null)) || substring 0 1 args.path != "/" then
+        throw "nixeryd: srcArgs.path must be an absolute path, got ${srcArgs}"
+      else /. + args.path)
+    else if srcType == "git" then
+      builtins.fetchGit (pick [ "url" "ref" "rev" ]
+        // (if hasAttr "rev" args then { allRefs = true; }
+            else if hasAttr "ref" args then { }
+            else { ref = "HEAD"; }))
+    else if srcType == "tarball" then
+      builtins.fetchTarball (pick [ "url" "sha256" ])
+    else
+      throw "nixeryd: unknown srcType '${srcType}' (expected path, git or tarball)";
+
+  imported = import source;
+
+  pkgs =
+    if isFunction imported then
+      let formals = functionArgs imported; in
+      imported (if formals == { } then { inherit system; }
+                else intersectAttrs formals { inherit system; config = { }; overlays = [ ]; })
+    else
+      imported;
+
+  toLower = replaceStrings
+    [ "A" "B" "C" "D" "E" "F" "G" "H" "I" "J" "K" "L" "M" "N" "O" "P" "Q" "R" "S" "T" "U" "V" "W" "X" "Y" "Z" ]
+    [ "a" "b" "c" "d" "e" "f" "g" "h" "i" "j" "k" "l" "m" "n" "o" "p" "q" "r" "s" "t" "u" "v" "w" "x" "y" "z" ];
+
+  # lower-cased name -> real name, for one attribute set (the first name in sorted
+  # order wins when two differ only in case; exact matches are tried before this).
+  lowerTable = set: listToAttrs (map (n: { name = toLower n; value = n; }) (attrNames set));
+
+  # Computed once (lazily: only if some name needs it) for the package set's top level.
+  topTable = lowerTable pkgs;
+
+  isDigit = c: elem c [ "0" "1" "2" "3" "4" "5" "6" "7" "8" "9" ];
+
+  # The real attribute name in `set` for the requested component `c`, or null.
+  findKey = set: table: c:
+    let
+      candidates = [ c ] ++ (if isDigit (substring 0 1 c) then [ ("_" + c) ] else [ ]);
+      exact = filter (k: hasAttr k set) candidates;
+      folded = filter (k: hasAttr k table) (map toLower candidates);
+    in
+    if exact != [ ] then head exact
+    else if folded != [ ] then table.${head folded}
+    else null;
+
+  # { value; path = [real names]; } for the component list `comps`, or null.
+  resolveIn = set: table: comps: path:
+    let key = findKey set table (head comps); in
+    if key == null then null
+    else
+      let
+        value = set.${key};
+        path' = path ++ [ key ];
+        rest = tail comps;
+      in
+      if rest == [ ] then { inherit value; path = path'; }
+      else if isAttrs value then resolveIn value (lowerTable value) rest path'
+      else null;
+
+  isDerivation = v: isAttrs v && (v.type or null) == "derivation";
+
+  # { name; attrPath; drv; } or null when `name` is not a derivation in the set.
+  resolve = name:
+    let
+      comps = filter isString (split "\\." name);
+      found = resolveIn pkgs topTable comps [ ];
+    in
+    if found != null && isDerivation found.value then {
+      inherit name;
+      attrPath = concatStringsSep "." found.path;
+      drv = found.value;
+    } else null;
+
+  requested = map (name: { inherit name; found = resolve name; }) (fromJSON packages);
+  missing = map (r: r.name) (filter (r: r.found == null) requested);
+
+  optional = filter (r: r != null) (map resolve (fromJSON optionalPackages));
+
+  dedup = list: (foldl'
+    (acc: p:
+      if elem p.attrPath acc.seen then acc
+      else { seen = acc.seen ++ [ p.attrPath ]; out = acc.out ++ [ p ]; })
+    { seen = [ ]; out = [ ]; }
+    list).out;
+
+  selected = dedup (map (r: r.found) requested ++ optional);
+in
+{
+  inherit missing;
+  packages =
+    if missing != [ ] then [ ]
+    else map
+      (p: {
+        inherit (p) name attrPath;
+        drvPath = p.drv.drvPath;
+        outputPath = p.drv.outPath;
+      })
+      selected;
+}

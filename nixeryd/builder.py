@@ -1,0 +1,309 @@
+"""The image builder: from an image name and tag to stored layers and manifests.
+
+The stages, each in its own module, in the order data flows through them:
+package source (:mod:`nixeryd.sources`) -> Nix evaluation, build and closure
+query (:mod:`nixeryd.nixbuild`) -> layering (:mod:`nixeryd.layering`) ->
+layer blobs (:mod:`nixeryd.tarball`, :mod:`nixeryd.forest`) -> config and
+manifests (:mod:`nixeryd.manifest`) -> storage (:mod:`nixeryd.storage`).
+
+Caches, cheapest first:
+
+* manifests of pinned sources (a git commit, a channel commit), keyed by the
+  image and the pin: served without running Nix at all;
+* manifests keyed by the evaluated output paths: a moving source (a local
+  path, a branch) costs one evaluation, and nothing more when it did not
+  change, so a HEAD after a GET does not rebuild;
+* layers, keyed by their store paths (``builds/<key>``), shared by images.
+
+Concurrent requests for one image share one build; concurrent builds that
+share a layer write it once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import IO, Any, cast
+
+from twisted.internet.defer import Deferred, FirstError, gatherResults, inlineCallbacks
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from nixeryd.closure import ClosureGraph
+from nixeryd.errors import BuildFailed, RegistryError
+from nixeryd.forest import symlink_forest
+from nixeryd.imagename import ImageName
+from nixeryd.layering import Layer, LayeringStrategy
+from nixeryd.manifest import (
+    FORMS,
+    OCI_CONFIG,
+    OCI_LAYER,
+    LayerDescriptor,
+    image_config,
+    image_manifest,
+)
+from nixeryd.nixbuild import Nix, ResolvedPackage
+from nixeryd.popularity import Popularity, PopularitySource
+from nixeryd.singleflight import SingleFlight
+from nixeryd.sources import PackageSource, SourceRef
+from nixeryd.storage import Storage
+from nixeryd.tarball import LayerDigests, write_store_layer, write_tree_layer
+
+#: Part of every cache key: bump it when the same inputs would give different bytes.
+FORMAT_VERSION = "nixeryd-1"
+
+#: Manifests of pinned images kept in memory, in front of storage.
+LOCAL_MANIFEST_CACHE_SIZE = 1024
+
+
+@dataclass(frozen=True)
+class StoredManifest:
+    """A manifest as served: its bytes, digest and media type."""
+
+    media_type: str
+    digest: str
+    data: bytes
+
+
+@dataclass(frozen=True)
+class BuiltImage:
+    """An image's manifests, one per form (``docker``, ``oci``)."""
+
+    manifests: Mapping[str, StoredManifest]
+
+
+@dataclass(frozen=True)
+class BuildError:
+    """A failed build, kept for the index page (a registry error cannot reach ``docker pull``
+    when the client hides it)."""
+
+    when: float
+    image: str
+    tag: str
+    message: str
+
+
+class ImageBuilder:
+    """Builds images on demand and caches what it can."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        *,
+        nix: Nix,
+        source: PackageSource,
+        storage: Storage,
+        layering: LayeringStrategy,
+        layering_name: str,
+        layer_budget: int,
+        popularity: PopularitySource,
+        run_in_thread: Callable[[Callable[[], Any]], Deferred[Any]],
+        clock: Any,
+        on_built: Callable[[str, str, str, float], None] = lambda *_: None,
+        compresslevel: int = 6,
+    ) -> None:
+        self._nix = nix
+        self._source = source
+        self._storage = storage
+        self._layering = layering
+        self._layering_name = layering_name
+        self._budget = layer_budget
+        self._popularity = popularity
+        self._run_in_thread = run_in_thread
+        self._clock = clock
+        self._on_built = on_built
+        self._compresslevel = compresslevel
+        self._images: SingleFlight[BuiltImage] = SingleFlight()
+        self._layers: SingleFlight[LayerDescriptor] = SingleFlight()
+        self._local: OrderedDict[str, BuiltImage] = OrderedDict()
+        self.recent_errors: deque[BuildError] = deque(maxlen=20)
+
+    def image(self, image: ImageName, tag: str) -> Deferred[BuiltImage]:
+        """The image's manifests, built if needed; concurrent callers share one build."""
+        return self._images.run((image.canonical, tag), lambda: self._image(image, tag))
+
+    @inlineCallbacks
+    def _image(self, image: ImageName, tag: str) -> Any:
+        try:
+            source: SourceRef = yield self._source.resolve(tag)
+            popularity: Popularity = yield self._popularity.get()
+            pin_key = None
+            if source.pin is not None:
+                pin_key = self._manifest_key("pin", image.canonical, source.pin, popularity)
+                cached = yield self._cached_manifests(pin_key)
+                if cached is not None:
+                    return cached
+            packages: list[ResolvedPackage] = yield self._nix.resolve(source, image)
+            outputs = sorted(package.out_path for package in packages)
+            eval_key = self._manifest_key("eval", image.canonical, "\n".join(outputs), popularity)
+            built = yield self._cached_manifests(eval_key)
+            if built is None:
+                started = self._clock.seconds()
+                built = yield self._build(image, packages, popularity)
+                yield self._remember(eval_key, built)
+                seconds = self._clock.seconds() - started
+                self.log.info(
+                    "built {image}:{tag} in {seconds:.1f}s",
+                    image=image.canonical,
+                    tag=tag,
+                    seconds=seconds,
+                )
+                self._on_built(image.canonical, tag, built.manifests["docker"].digest, seconds)
+            if pin_key is not None:
+                yield self._remember(pin_key, built)
+            return built
+        except RegistryError as error:
+            self.recent_errors.append(BuildError(time.time(), image.canonical, tag, error.message))
+            raise
+
+    def _manifest_key(self, kind: str, image: str, identity: str, popularity: Popularity) -> str:
+        parts = [
+            FORMAT_VERSION,
+            kind,
+            image,
+            identity,
+            self._layering_name,
+            str(self._budget),
+            popularity.fingerprint,
+        ]
+        return hashlib.sha256("\0".join(parts).encode()).hexdigest()
+
+    @inlineCallbacks
+    def _build(
+        self, image: ImageName, packages: Sequence[ResolvedPackage], popularity: Popularity
+    ) -> Any:
+        timings: dict[str, float] = {}
+        mark = self._clock.seconds()
+
+        def lap(step: str) -> None:
+            nonlocal mark
+            now = self._clock.seconds()
+            timings[step] = now - mark
+            mark = now
+
+        yield self._nix.realise(packages, image)
+        lap("realise")
+        closure: ClosureGraph = yield self._nix.closure(packages, image)
+        lap("closure")
+        # One layer of the budget is the symlink forest's.
+        layers: list[Layer] = yield self._run_in_thread(
+            lambda: self._layering.group(closure, popularity, self._budget - 1)
+        )
+        self._check_layering(closure, layers)
+        lap("layering")
+        roots = [package.out_path for package in packages]
+        descriptors: list[LayerDescriptor] = yield gatherResults(
+            [self._store_layer(layer) for layer in layers] + [self._forest_layer(roots)],
+            consumeErrors=True,
+        ).addErrback(_first_error)
+        lap("layers")
+        config = image_config(
+            image.architecture, descriptors, (package.name for package in packages)
+        )
+        config_info = yield self._storage.put_blob(config, OCI_CONFIG)
+        manifests = {}
+        for form, (media_type, _, _) in FORMS.items():
+            data = image_manifest(form, config_info.digest, config_info.size, descriptors)
+            info = yield self._storage.put_blob(data, media_type)
+            manifests[form] = StoredManifest(media_type, info.digest, data)
+        lap("manifest")
+        self.log.info(
+            "{image}: {paths} store paths in {layers} layers; {timings}",
+            image=image.canonical,
+            paths=len(closure.paths),
+            layers=len(descriptors),
+            timings=", ".join(f"{step} {seconds:.2f}s" for step, seconds in timings.items()),
+        )
+        return BuiltImage(manifests)
+
+    def _check_layering(self, closure: ClosureGraph, layers: Sequence[Layer]) -> None:
+        """Refuse a plugin's layering that loses or repeats paths or breaks the budget."""
+        placed = [path for layer in layers for path in layer.paths]
+        if sorted(placed) != sorted(closure.paths) or len(layers) > self._budget - 1:
+            raise BuildFailed(
+                f"layering strategy {self._layering_name!r} returned {len(layers)} layers holding "
+                f"{len(placed)} paths for a closure of {len(closure.paths)} paths and a budget "
+                f"of {self._budget - 1}; this is a bug in the strategy"
+            )
+
+    def _store_layer(self, layer: Layer) -> Deferred[LayerDescriptor]:
+        paths = layer.paths
+        return self._layer(
+            layer.key,
+            lambda out: write_store_layer(paths, out, compresslevel=self._compresslevel),
+        )
+
+    def _forest_layer(self, roots: Sequence[str]) -> Deferred[LayerDescriptor]:
+        key = hashlib.sha256(("symlink-forest\n" + "\n".join(roots)).encode()).hexdigest()
+
+        def write(out: IO[bytes]) -> LayerDigests:
+            entries = symlink_forest(roots)
+            return write_tree_layer(entries, out, compresslevel=self._compresslevel)
+
+        return self._layer(key, write)
+
+    def _layer(
+        self, key: str, write: Callable[[IO[bytes]], LayerDigests]
+    ) -> Deferred[LayerDescriptor]:
+        """A layer from the cache, or written once however many builds want it now."""
+        return self._layers.run(key, lambda: self._cached_or_written_layer(key, write))
+
+    @inlineCallbacks
+    def _cached_or_written_layer(self, key: str, write: Callable[[IO[bytes]], LayerDigests]) -> Any:
+        record_name = f"builds/{key}"
+        record = yield self._storage.get_record(record_name)
+        if record is not None:
+            cached = LayerDescriptor(**json.loads(record))
+            if (yield self._storage.stat_blob(cached.digest)) is not None:
+                return cached
+        staged = self._storage.stage_blob()
+        try:
+            digests: LayerDigests = yield self._run_in_thread(lambda: write(staged.file))
+        except BaseException:
+            staged.discard()
+            raise
+        info = yield staged.commit(digests.digest, OCI_LAYER)
+        descriptor = LayerDescriptor(digest=info.digest, size=info.size, diff_id=digests.diff_id)
+        yield self._storage.put_record(record_name, json.dumps(descriptor.__dict__).encode())
+        return descriptor
+
+    @inlineCallbacks
+    def _cached_manifests(self, key: str) -> Any:
+        if key in self._local:
+            self._local.move_to_end(key)
+            return self._local[key]
+        record = yield self._storage.get_record(f"manifests/{key}")
+        if record is None:
+            return None
+        manifests = {}
+        for form, digest in json.loads(record).items():
+            data = yield self._storage.read_blob(digest)
+            if data is None or form not in FORMS:
+                return None
+            manifests[form] = StoredManifest(FORMS[form][0], digest, data)
+        built = BuiltImage(manifests)
+        self._keep_local(key, built)
+        return built
+
+    @inlineCallbacks
+    def _remember(self, key: str, built: BuiltImage) -> Any:
+        record = {form: manifest.digest for form, manifest in built.manifests.items()}
+        yield self._storage.put_record(f"manifests/{key}", json.dumps(record).encode())
+        self._keep_local(key, built)
+
+    def _keep_local(self, key: str, built: BuiltImage) -> None:
+        self._local[key] = built
+        self._local.move_to_end(key)
+        while len(self._local) > LOCAL_MANIFEST_CACHE_SIZE:
+            self._local.popitem(last=False)
+
+
+def _first_error(failure: Failure) -> Failure:
+    """The failure of the first layer that failed, rather than gatherResults' wrapper."""
+    wrapper = cast(FirstError, failure.value)
+    return wrapper.subFailure

@@ -1,0 +1,156 @@
+"""The built-in package sources: a local path, a git repository, a nixpkgs channel.
+
+They follow Nixery's variables (``NIXERY_PKGS_PATH``, ``NIXERY_PKGS_REPO``,
+``NIXERY_CHANNEL``) and go further in one place: a git source resolves every
+tag to a commit with ``git ls-remote`` before Nix sees it, so branches *and*
+git tags work as image tags (Nixery #89), and every build is pinned to a
+commit, which makes its manifest cacheable.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from twisted.internet.defer import Deferred, inlineCallbacks, succeed
+
+from nixeryd.errors import BuildFailed, ManifestUnknown
+from nixeryd.hookspecs import hookimpl
+from nixeryd.process import ProcessResult, ProcessRunner, ProcessTimedOut
+from nixeryd.runtime import Provider, Runtime
+from nixeryd.sources import PackageSource, SourceRef
+
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+
+NIXPKGS_COMMIT_URL = "https://github.com/NixOS/nixpkgs/archive/{channel}.tar.gz"
+NIXOS_CHANNEL_URL = "https://nixos.org/channels/{channel}/nixexprs.tar.xz"
+
+
+class PathSource:
+    """A package set in a local directory or file; every tag names its current content."""
+
+    def __init__(self, path: str) -> None:
+        self._path = str(Path(path).resolve())
+        if not Path(self._path).exists():
+            raise ValueError(f"package set {self._path} does not exist")
+
+    def resolve(self, tag: str) -> Deferred[SourceRef]:
+        return succeed(SourceRef("path", {"path": self._path}))
+
+    def tags(self) -> Deferred[list[str]]:
+        return succeed(["latest"])
+
+
+class ChannelSource:
+    """A nixpkgs channel by name (moving) or commit (pinned), fetched as a tarball.
+
+    ``url_template`` (``{channel}`` replaced) points at a mirror for air-gapped
+    sites; by default commits come from GitHub and names from nixos.org.
+    """
+
+    def __init__(self, channel: str, url_template: str | None = None) -> None:
+        self._channel = channel
+        pinned = _COMMIT.match(channel) is not None
+        template = url_template or (NIXPKGS_COMMIT_URL if pinned else NIXOS_CHANNEL_URL)
+        self._ref = SourceRef(
+            "tarball", {"url": template.format(channel=channel)}, channel if pinned else None
+        )
+
+    def resolve(self, tag: str) -> Deferred[SourceRef]:
+        return succeed(self._ref)
+
+    def tags(self) -> Deferred[list[str]]:
+        return succeed(["latest"])
+
+
+class GitSource:
+    """A package set in a git repository; image tags are its branches, tags and commits.
+
+    ``latest`` is the repository's HEAD. Each tag is resolved to a commit with
+    ``git ls-remote`` (the host's git credentials apply), so Nix always
+    fetches a commit and the manifest cache can key on it.
+    """
+
+    def __init__(self, url: str, processes: ProcessRunner, timeout: float) -> None:
+        self._url = url
+        self._processes = processes
+        self._timeout = timeout
+
+    @inlineCallbacks
+    def _refs(self) -> Any:
+        """``{ref name: commit}`` from ``git ls-remote``, annotated tags peeled."""
+        try:
+            result: ProcessResult = yield self._processes.run(
+                ["git", "ls-remote", "--", self._url],
+                timeout=self._timeout,
+                on_stderr_line=lambda line: None,
+            )
+        except ProcessTimedOut as error:
+            raise BuildFailed(f"git ls-remote {self._url} timed out") from error
+        if result.exit_code != 0:
+            raise BuildFailed(
+                f"cannot list the refs of {self._url}: " + " ".join(result.stderr_tail[-3:])
+            )
+        refs: dict[str, str] = {}
+        for line in result.stdout.decode("utf-8", "replace").splitlines():
+            commit, _, name = line.partition("\t")
+            if name.endswith("^{}"):
+                refs[name[:-3]] = commit  # the commit an annotated tag points at
+            else:
+                refs.setdefault(name, commit)
+        return refs
+
+    @inlineCallbacks
+    def resolve(self, tag: str) -> Any:
+        if _COMMIT.match(tag):
+            return SourceRef("git", {"url": self._url, "rev": tag}, pin=tag)
+        refs = yield self._refs()
+        candidates: Sequence[str] = (
+            ["HEAD"] if tag == "latest" else [f"refs/tags/{tag}", f"refs/heads/{tag}"]
+        )
+        for candidate in candidates:
+            if candidate in refs:
+                commit = refs[candidate]
+                return SourceRef("git", {"url": self._url, "rev": commit}, pin=commit)
+        raise ManifestUnknown(
+            f"tag {tag!r} is neither a branch, a tag nor a commit of the package repository"
+        )
+
+    @inlineCallbacks
+    def tags(self) -> Any:
+        refs = yield self._refs()
+        names = {"latest"}
+        for name in refs:
+            for prefix in ("refs/heads/", "refs/tags/"):
+                if name.startswith(prefix):
+                    names.add(name[len(prefix) :])
+        return sorted(names)
+
+
+def _path_source(runtime: Runtime) -> PackageSource:
+    if not runtime.config.pkgs_path:
+        raise ValueError("the path source needs NIXERY_PKGS_PATH (--pkgs-path)")
+    return PathSource(runtime.config.pkgs_path)
+
+
+def _git_source(runtime: Runtime) -> PackageSource:
+    if not runtime.config.pkgs_repo:
+        raise ValueError("the git source needs NIXERY_PKGS_REPO (--pkgs-repo)")
+    return GitSource(runtime.config.pkgs_repo, runtime.processes, runtime.config.nix_timeout)
+
+
+def _channel_source(runtime: Runtime) -> PackageSource:
+    if not runtime.config.channel:
+        raise ValueError("the channel source needs NIXERY_CHANNEL (--channel)")
+    return ChannelSource(runtime.config.channel, runtime.config.channel_url)
+
+
+@hookimpl
+def nixeryd_package_sources() -> list[Provider[PackageSource]]:
+    return [
+        Provider("path", "a package set in a local directory (NIXERY_PKGS_PATH)", _path_source),
+        Provider("git", "a package set in a git repository (NIXERY_PKGS_REPO)", _git_source),
+        Provider("channel", "a nixpkgs channel or commit (NIXERY_CHANNEL)", _channel_source),
+    ]

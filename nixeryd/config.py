@@ -1,0 +1,212 @@
+"""Configuration: one declared schema, layered command line > environment > file.
+
+Every option is declared once in :data:`OPTIONS` with its command-line flag,
+the environment variables that set it (Nixery's names first, so nixeryd is a
+drop-in replacement) and its TOML key. :func:`load_config` layers the sources
+and names the key and the source in every error.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from twisted.logger import Logger
+
+from nixeryd.layering import DEFAULT_LAYER_BUDGET
+
+log = Logger()
+
+
+class ConfigError(Exception):
+    """A configuration value is missing, malformed or contradicts another."""
+
+
+@dataclass(frozen=True)
+class Config:
+    """The daemon's configuration, validated."""
+
+    listen: tuple[str, ...] = ("tcp:8080",)
+    pkgs_path: str | None = None
+    pkgs_repo: str | None = None
+    channel: str | None = None
+    channel_url: str | None = None
+    package_source: str = "path"
+    storage_backend: str = "filesystem"
+    storage_path: str = "nixeryd-storage"
+    nix_timeout: float = 60.0
+    popularity_url: str | None = None
+    layering_strategy: str = "popularity"
+    layer_budget: int = DEFAULT_LAYER_BUDGET
+    nix_bin_dir: str | None = None
+    log_format: str = "text"
+    #: ``[plugin.<name>]`` tables of the config file, for site plugins' own settings.
+    plugin_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Option:
+    """One declared configuration option."""
+
+    name: str
+    help: str
+    env: tuple[str, ...] = ()
+    parse: Callable[[str], Any] = str
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise ValueError("must be greater than 0")
+    return value
+
+
+def _budget(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 125:
+        raise ValueError("must be between 1 and 125 (Docker's layer limit)")
+    return value
+
+
+def _one_of(*choices: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}")
+        return text
+
+    return parse
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("pkgs_path", "package set: a local directory or .nix file", ("NIXERY_PKGS_PATH",)),
+    Option("pkgs_repo", "package set: a git repository URL", ("NIXERY_PKGS_REPO",)),
+    Option("channel", "package set: a nixpkgs channel name or commit", ("NIXERY_CHANNEL",)),
+    Option(
+        "channel_url",
+        "URL template for channel tarballs, with {channel} (a local mirror for air-gapped sites)",
+        ("NIXERYD_CHANNEL_URL",),
+    ),
+    Option(
+        "package_source",
+        "name of the package source plugin (default: from which package set option is set)",
+        ("NIXERYD_PACKAGE_SOURCE",),
+    ),
+    Option("storage_backend", "name of the storage plugin", ("NIXERY_STORAGE_BACKEND",)),
+    Option("storage_path", "directory of the filesystem storage", ("STORAGE_PATH",)),
+    Option("nix_timeout", "seconds each Nix invocation may run", ("NIX_TIMEOUT",), _positive_float),
+    Option(
+        "popularity_url",
+        "popularity data: http(s)://, file:// or a path",
+        ("NIX_POPULARITY_URL",),
+    ),
+    Option("layering_strategy", "name of the layering plugin", ("NIXERYD_LAYERING_STRATEGY",)),
+    Option("layer_budget", "most layers per image", ("NIXERYD_LAYER_BUDGET",), _budget),
+    Option(
+        "nix_bin_dir",
+        "directory holding nix-instantiate, nix-store and nix (default: from PATH)",
+        ("NIXERYD_NIX_BIN_DIR",),
+    ),
+    Option("log_format", "text or json", ("NIXERYD_LOG_FORMAT",), _one_of("text", "json")),
+)
+
+_PACKAGE_SET_KEYS = {"pkgs_path": "path", "pkgs_repo": "git", "channel": "channel"}
+
+
+def default_package_set() -> str:
+    """The example package set shipped in ``nix/example``, served when none is configured."""
+    from importlib.resources import files
+
+    return str(files("nixeryd") / "nixexprs" / "example")
+
+
+def load_config(
+    cli: Mapping[str, Any],
+    environ: Mapping[str, str],
+    config_file: Path | None = None,
+) -> Config:
+    """Layer the sources (command line > environment > file) into a validated Config.
+
+    ``cli`` maps option names to values already given on the command line
+    (absent or None when not given); ``listen`` is a sequence of endpoints.
+    """
+    values: dict[str, Any] = {}
+    origins: dict[str, str] = {}
+
+    if config_file is not None:
+        _read_file(config_file, values, origins)
+
+    for option in OPTIONS:
+        for variable in option.env:
+            if environ.get(variable):
+                values[option.name] = _parse(option, environ[variable], f"${variable}")
+                origins[option.name] = f"${variable}"
+                break
+    if environ.get("PORT"):
+        values["listen"] = (f"tcp:{_parse_port(environ['PORT'])}",)
+        origins["listen"] = "$PORT"
+
+    for option in OPTIONS:
+        if cli.get(option.name) is not None:
+            values[option.name] = _parse(option, str(cli[option.name]), f"--{_flag(option.name)}")
+            origins[option.name] = f"--{_flag(option.name)}"
+    if cli.get("listen"):
+        values["listen"] = tuple(cli["listen"])
+        origins["listen"] = "--listen"
+
+    _choose_package_source(values, origins)
+    return Config(**values)
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _parse(option: Option, text: str, origin: str) -> Any:
+    try:
+        return option.parse(text)
+    except ValueError as error:
+        raise ConfigError(f"{origin} ({option.name}) = {text!r}: {error}") from error
+
+
+def _parse_port(text: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise ConfigError(f"$PORT = {text!r}: must be a TCP port number")
+    return int(text)
+
+
+def _read_file(path: Path, values: dict[str, Any], origins: dict[str, str]) -> None:
+    try:
+        document = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as error:
+        raise ConfigError(f"config file {path}: {error}") from error
+    known = {option.name: option for option in OPTIONS}
+    for key, value in document.items():
+        origin = f"{path}: {key}"
+        if key == "listen":
+            if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+                raise ConfigError(f"{origin}: must be a list of endpoint strings")
+            values["listen"] = tuple(value)
+        elif key == "plugin":
+            if not isinstance(value, dict):
+                raise ConfigError(f"{origin}: must be a table of [plugin.<name>] tables")
+            values["plugin_options"] = value
+        elif key in known:
+            values[key] = _parse(known[key], str(value), origin)
+        else:
+            log.warn("{origin}: unknown configuration key, ignored", origin=origin)
+            continue
+        origins[key] = origin
+
+
+def _choose_package_source(values: dict[str, Any], origins: dict[str, str]) -> None:
+    given = [key for key in _PACKAGE_SET_KEYS if values.get(key)]
+    if len(given) > 1:
+        named = ", ".join(f"{key} (from {origins[key]})" for key in given)
+        raise ConfigError(f"configure exactly one package set; got {named}")
+    if "package_source" not in values:
+        values["package_source"] = _PACKAGE_SET_KEYS[given[0]] if given else "path"
+    if not given and values["package_source"] == "path":
+        values["pkgs_path"] = default_package_set()

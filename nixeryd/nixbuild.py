@@ -1,0 +1,172 @@
+"""Nix: evaluate an image's packages, realise them, and query their runtime closure.
+
+Three invocations per uncached image, each through the process seam with
+``NIX_TIMEOUT`` and every stderr line logged as it arrives, tagged with the
+image:
+
+1. ``nix-instantiate --eval`` of ``nix/nixeryd.nix`` resolves the requested
+   names in the package set and reports the missing ones, or the derivations;
+2. ``nix-store --realise`` builds (or substitutes) those derivations;
+3. ``nix path-info --json --recursive`` reports the closure graph.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+from twisted.internet.defer import inlineCallbacks
+from twisted.logger import Logger
+
+from nixeryd.closure import ClosureGraph
+from nixeryd.errors import BuildFailed, BuildTimedOut, ManifestUnknown
+from nixeryd.imagename import ImageName
+from nixeryd.process import ProcessResult, ProcessRunner, ProcessTimedOut
+from nixeryd.sources import SourceRef
+
+#: Lines of Nix's error a client is shown; the log keeps all of them.
+ERROR_EXCERPT_LINES = 12
+
+
+@dataclass(frozen=True)
+class ResolvedPackage:
+    """A requested package as the package set defines it."""
+
+    name: str
+    attr_path: str
+    drv_path: str
+    out_path: str
+
+
+class PackagesNotFound(ManifestUnknown):
+    """Some requested packages are not in the package set; all of them are named."""
+
+    def __init__(self, missing: Sequence[str]) -> None:
+        super().__init__(
+            f"package{'s' if len(missing) > 1 else ''} not found in the package set: "
+            + ", ".join(missing),
+            detail={"missing": list(missing)},
+        )
+        self.missing = tuple(missing)
+
+
+def nix_error_excerpt(stderr: Sequence[str]) -> str:
+    """The first useful lines of a Nix error: from the first ``error:`` line on."""
+    start = next((i for i, line in enumerate(stderr) if line.lstrip().startswith("error:")), None)
+    lines = list(stderr[start:] if start is not None else stderr[-ERROR_EXCERPT_LINES:])
+    useful = [line.rstrip() for line in lines if line.strip() and "--show-trace" not in line]
+    return "\n".join(useful[:ERROR_EXCERPT_LINES]) or "Nix failed without an error message"
+
+
+class Nix:
+    """Runs Nix for images; every method's Deferred fails with a RegistryError a client can read."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        processes: ProcessRunner,
+        *,
+        timeout: float,
+        bin_dir: str | None = None,
+        env: Mapping[str, str] | None = None,
+        expression: Path | None = None,
+    ) -> None:
+        self._processes = processes
+        self._timeout = timeout
+        self._bin_dir = bin_dir
+        self._env = env
+        self._expression = expression or Path(str(files("nixeryd") / "nixexprs" / "nixeryd.nix"))
+
+    def _command(self, name: str) -> str:
+        return str(Path(self._bin_dir) / name) if self._bin_dir else name
+
+    @inlineCallbacks
+    def _run(self, argv: Sequence[str], image: str, step: str) -> Any:
+        def log_line(line: str) -> None:
+            self.log.info("{image} {step}: {line}", image=image, step=step, line=line)
+
+        try:
+            result: ProcessResult = yield self._processes.run(
+                argv, timeout=self._timeout, on_stderr_line=log_line, env=self._env
+            )
+        except ProcessTimedOut as timed_out:
+            self.log.error(
+                "{image} {step}: killed after {timeout:g} s",
+                image=image,
+                step=step,
+                timeout=self._timeout,
+            )
+            raise BuildTimedOut(
+                f"{step} of {image} took longer than NIX_TIMEOUT ({self._timeout:g} s) and was "
+                "stopped; try again, or ask the operator to raise NIX_TIMEOUT",
+                detail={"step": step, "log": list(timed_out.stderr_tail[-ERROR_EXCERPT_LINES:])},
+            ) from timed_out
+        except OSError as error:
+            raise BuildFailed(f"{step} of {image}: cannot run {argv[0]}: {error}") from error
+        if result.exit_code != 0:
+            excerpt = nix_error_excerpt(result.stderr_tail)
+            self.log.error(
+                "{image} {step} failed (exit {code}): {excerpt}",
+                image=image,
+                step=step,
+                code=result.exit_code,
+                excerpt=excerpt,
+            )
+            raise BuildFailed(f"{step} of {image} failed:\n{excerpt}", detail={"step": step})
+        return result.stdout
+
+    @inlineCallbacks
+    def resolve(self, source: SourceRef, image: ImageName) -> Any:
+        """Evaluate the image's packages; fail with :class:`PackagesNotFound` naming
+        every missing one. Fires with a list of :class:`ResolvedPackage`."""
+        argv = [
+            self._command("nix-instantiate"), "--eval", "--strict", "--json", "--read-write-mode",
+            str(self._expression),
+            "--argstr", "srcType", source.src_type,
+            "--argstr", "srcArgs", json.dumps(dict(source.src_args), sort_keys=True),
+            "--argstr", "packages", json.dumps(list(image.packages)),
+            "--argstr", "optionalPackages", json.dumps(list(image.optional_packages)),
+            "--argstr", "system", image.system,
+        ]  # fmt: skip
+        stdout = yield self._run(argv, image.canonical, "evaluation")
+        try:
+            report = json.loads(stdout)
+            missing = list(report["missing"])
+            packages = [
+                ResolvedPackage(p["name"], p["attrPath"], p["drvPath"], p["outputPath"])
+                for p in report["packages"]
+            ]
+        except (ValueError, KeyError, TypeError) as error:
+            raise BuildFailed(
+                f"evaluation of {image.canonical} printed an unexpected result: {error}"
+            ) from error
+        if missing:
+            raise PackagesNotFound(missing)
+        return packages
+
+    @inlineCallbacks
+    def realise(self, packages: Sequence[ResolvedPackage], image: ImageName) -> Any:
+        """Build (or substitute) the packages' derivations."""
+        drvs = sorted({package.drv_path for package in packages})
+        yield self._run([self._command("nix-store"), "--realise", *drvs], image.canonical, "build")
+
+    @inlineCallbacks
+    def closure(self, packages: Sequence[ResolvedPackage], image: ImageName) -> Any:
+        """The runtime closure graph of the (realised) packages' outputs."""
+        roots = list(dict.fromkeys(package.out_path for package in packages))
+        argv = [
+            self._command("nix"), "--extra-experimental-features", "nix-command",
+            "path-info", "--json", "--recursive", *roots,
+        ]  # fmt: skip
+        stdout = yield self._run(argv, image.canonical, "closure query")
+        try:
+            return ClosureGraph.from_path_info(roots, json.loads(stdout))
+        except (ValueError, KeyError, TypeError) as error:
+            raise BuildFailed(
+                f"closure query of {image.canonical} printed an unexpected result: {error}"
+            ) from error

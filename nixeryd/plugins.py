@@ -1,0 +1,71 @@
+"""The plugin manager factory and the typed facade nixeryd uses to reach plugins.
+
+Built-in plugins are registered first, explicitly; then every plugin
+installed under the entry-point group ``nixeryd``; then the registrations
+are checked against :mod:`nixeryd.hookspecs`. Tests build a manager with
+``load_entrypoints=False`` and exactly the plugins they need.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any, TypeVar
+
+import pluggy
+
+from nixeryd import hookspecs
+from nixeryd.config import ConfigError
+from nixeryd.runtime import Provider
+
+T = TypeVar("T")
+
+
+def builtin_plugins() -> tuple[object, ...]:
+    """The plugins nixeryd ships: filesystem storage, path, git and channel sources,
+    popularity layering."""
+    from nixeryd.builtin import filesystem, layering, sources
+
+    return (filesystem, sources, layering)
+
+
+def make_plugin_manager(
+    *, plugins: Iterable[object] | None = None, load_entrypoints: bool = True
+) -> pluggy.PluginManager:
+    manager = pluggy.PluginManager(hookspecs.PROJECT)
+    manager.add_hookspecs(hookspecs)
+    for plugin in builtin_plugins() if plugins is None else plugins:
+        manager.register(plugin)
+    if load_entrypoints:
+        manager.load_setuptools_entrypoints(hookspecs.PROJECT)
+    manager.check_pending()
+    return manager
+
+
+class Plugins:
+    """What the installed plugins provide, looked up by the names configuration gives."""
+
+    def __init__(self, manager: pluggy.PluginManager) -> None:
+        self._hook: Any = manager.hook
+
+    def storage_backend(self, name: str) -> Provider[Any]:
+        return _choose("storage backend", name, self._hook.nixeryd_storage_backends())
+
+    def package_source(self, name: str) -> Provider[Any]:
+        return _choose("package source", name, self._hook.nixeryd_package_sources())
+
+    def layering_strategy(self, name: str) -> Provider[Any]:
+        return _choose("layering strategy", name, self._hook.nixeryd_layering_strategies())
+
+    def image_built(self, image: str, tag: str, digest: str, seconds: float) -> None:
+        self._hook.nixeryd_image_built(image=image, tag=tag, digest=digest, seconds=seconds)
+
+
+def _choose(kind: str, name: str, answers: Sequence[Sequence[Provider[T]]]) -> Provider[T]:
+    """The provider called ``name``; an unknown name is a start-up error listing the choices."""
+    providers = {provider.name: provider for answer in answers for provider in answer}
+    if name not in providers:
+        available = ", ".join(
+            f"{provider.name} ({provider.summary})" for provider in providers.values()
+        )
+        raise ConfigError(f"unknown {kind} {name!r}; available: {available or 'none'}")
+    return providers[name]

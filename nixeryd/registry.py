@@ -1,0 +1,239 @@
+"""The registry HTTP API (the pull side of the OCI distribution spec), served with klein.
+
+Routes map to the builder and storage; every failure is a registry error
+rendered as ``{"errors": [...]}`` JSON with the spec's code, never a
+traceback. See REGISTRY.md for what real clients require of each route.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+import time
+from typing import Any, cast
+from urllib.parse import urlencode
+
+from klein import Klein
+from twisted.internet.defer import inlineCallbacks
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.resource import IResource, Resource
+from twisted.web.server import Request
+from werkzeug.exceptions import MethodNotAllowed, NotFound
+
+from nixeryd.builder import ImageBuilder, StoredManifest
+from nixeryd.errors import (
+    BlobUnknown,
+    DigestInvalid,
+    ManifestUnknown,
+    RegistryError,
+    TagInvalid,
+    Unsupported,
+)
+from nixeryd.imagename import ImageName, parse_image_name
+from nixeryd.manifest import MANIFEST_MEDIA_TYPES, choose_form
+from nixeryd.sources import PackageSource
+from nixeryd.storage import Storage
+
+API_VERSION = b"registry/2.0"
+
+_TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
+# The spec's digest grammar; only sha256 is stored, other algorithms are simply unknown.
+_DIGEST = re.compile(r"^[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[a-zA-Z0-9=_-]+$")
+_SHA256 = re.compile(r"^sha256:[a-f0-9]{64}$")
+
+
+class PaginationInvalid(RegistryError):
+    code = "PAGINATION_NUMBER_INVALID"
+    status = 400
+
+
+def check_digest(digest: str) -> bool:
+    """True for a sha256 digest we can look up, False for another well-formed algorithm;
+    :class:`DigestInvalid` for anything else."""
+    if _SHA256.match(digest):
+        return True
+    if _DIGEST.match(digest) and not digest.startswith("sha256:"):
+        return False
+    raise DigestInvalid(f"{digest!r} is not a valid digest (expected sha256:<64 hex digits>)")
+
+
+class RegistryApp:
+    """The registry's routes, bound to one builder, storage and package source."""
+
+    app = Klein()
+    log = Logger()
+
+    def __init__(self, builder: ImageBuilder, storage: Storage, source: PackageSource) -> None:
+        self._builder = builder
+        self._storage = storage
+        self._source = source
+
+    def resource(self) -> IResource:
+        """The root resource: the routes, with the API version header on every response."""
+        return cast(IResource, _WithApiVersion(self.app.resource()))
+
+    @app.route("/", methods=["GET", "HEAD"])
+    def index(self, request: Request) -> bytes:
+        request.setHeader(b"Content-Type", b"text/html; charset=utf-8")
+        host = html.escape((request.getHeader(b"host") or b"localhost").decode("latin-1"))
+        errors = "".join(
+            f"<li><code>{html.escape(e.image)}:{html.escape(e.tag)}</code> "
+            f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(e.when))} UTC"
+            f"<pre>{html.escape(e.message)}</pre></li>"
+            for e in reversed(self._builder.recent_errors)
+        )
+        page = _INDEX.format(host=host, errors=errors or "<li>none</li>")
+        return page.encode()
+
+    @app.route("/v2/", methods=["GET", "HEAD"])
+    def base(self, request: Request) -> bytes:
+        return _json(request, {})
+
+    @app.route("/v2/<path:name>/manifests/<reference>", methods=["GET", "HEAD"])
+    @inlineCallbacks
+    def manifest(self, request: Request, name: str, reference: str) -> Any:
+        image = parse_image_name(name)
+        if ":" in reference:
+            manifest = yield self._manifest_by_digest(reference)
+        else:
+            manifest = yield self._manifest_by_tag(request, image, reference)
+        request.setHeader(b"Content-Type", manifest.media_type.encode())
+        request.setHeader(b"Content-Length", str(len(manifest.data)).encode())
+        request.setHeader(b"Docker-Content-Digest", manifest.digest.encode())
+        request.setHeader(b"ETag", f'"{manifest.digest}"'.encode())
+        return manifest.data
+
+    @inlineCallbacks
+    def _manifest_by_tag(self, request: Request, image: ImageName, tag: str) -> Any:
+        if not _TAG.match(tag):
+            raise TagInvalid(
+                f"{tag!r} is not a valid tag (letters, digits, '_', '.', '-'; at most 128)"
+            )
+        built = yield self._builder.image(image, tag)
+        form = choose_form(request.requestHeaders.getRawHeaders(b"accept", []))
+        return built.manifests[form]
+
+    @inlineCallbacks
+    def _manifest_by_digest(self, digest: str) -> Any:
+        unknown = ManifestUnknown(f"manifest {digest} is not known to this registry")
+        if not check_digest(digest):
+            raise unknown
+        info = yield self._storage.stat_blob(digest)
+        if info is None or info.media_type not in MANIFEST_MEDIA_TYPES:
+            raise unknown
+        data = yield self._storage.read_blob(digest)
+        if data is None:
+            raise unknown
+        return StoredManifest(info.media_type, digest, data)
+
+    @app.route("/v2/<path:name>/blobs/<digest>", methods=["GET", "HEAD"])
+    @inlineCallbacks
+    def blob(self, request: Request, name: str, digest: str) -> Any:
+        parse_image_name(name)
+        unknown = BlobUnknown(f"blob {digest} is not known to this registry")
+        if not check_digest(digest):
+            raise unknown
+        info = yield self._storage.stat_blob(digest)
+        if info is None:
+            raise unknown
+        return self._storage.blob_resource(info)
+
+    @app.route("/v2/<path:name>/tags/list", methods=["GET", "HEAD"])
+    @inlineCallbacks
+    def tags(self, request: Request, name: str) -> Any:
+        parse_image_name(name)
+        tags = sorted(set((yield self._source.tags())))
+        last = _arg(request, b"last")
+        if last is not None:
+            tags = [tag for tag in tags if tag > last]
+        count = _arg(request, b"n")
+        if count is not None:
+            if not count.isdigit():
+                raise PaginationInvalid(f"n={count!r} must be a non-negative integer")
+            limit = int(count)
+            if limit < len(tags):
+                tags = tags[:limit]
+                if tags:
+                    query = urlencode({"n": limit, "last": tags[-1]})
+                    request.setHeader(
+                        b"Link", f'</v2/{name}/tags/list?{query}>; rel="next"'.encode()
+                    )
+        return _json(request, {"name": name, "tags": tags})
+
+    @app.handle_errors(RegistryError)
+    def registry_error(self, request: Request, failure: Failure) -> bytes:
+        error = cast(RegistryError, failure.value)
+        request.setResponseCode(error.status)
+        return _json(request, error.as_json())
+
+    @app.handle_errors(NotFound)
+    def not_found(self, request: Request, failure: Failure) -> bytes:
+        error = Unsupported(
+            f"{request.path.decode('latin-1')!r} is not a registry endpoint nixeryd serves"
+        )
+        request.setResponseCode(404)
+        return _json(request, error.as_json())
+
+    @app.handle_errors(MethodNotAllowed)
+    def method_not_allowed(self, request: Request, failure: Failure) -> bytes:
+        error = Unsupported(
+            "nixeryd builds images on demand from Nix packages: it serves pulls only "
+            f"({request.method.decode('latin-1')} is not supported)"
+        )
+        request.setResponseCode(405)
+        return _json(request, error.as_json())
+
+    @app.handle_errors(Exception)
+    def internal_error(self, request: Request, failure: Failure) -> bytes:
+        self.log.failure("internal error serving {path}", failure, path=request.path)
+        request.setResponseCode(500)
+        return _json(
+            request,
+            RegistryError("internal error; the registry's log has the details").as_json(),
+        )
+
+
+def _json(request: Request, document: Any) -> bytes:
+    body = json.dumps(document).encode()
+    request.setHeader(b"Content-Type", b"application/json")
+    request.setHeader(b"Content-Length", str(len(body)).encode())
+    return body
+
+
+def _arg(request: Request, name: bytes) -> str | None:
+    values = request.args.get(name)
+    return values[0].decode("utf-8", "replace") if values else None
+
+
+class _WithApiVersion(Resource):
+    """Adds ``Docker-Distribution-API-Version`` to every response, errors included."""
+
+    isLeaf = True
+
+    def __init__(self, wrapped: Any) -> None:
+        super().__init__()
+        self._wrapped = wrapped
+
+    def render(self, request: Request) -> Any:
+        request.setHeader(b"Docker-Distribution-API-Version", API_VERSION)
+        return self._wrapped.render(request)
+
+
+_INDEX = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>nixeryd</title>
+<style>body{{font-family:sans-serif;max-width:50em;margin:2em auto;line-height:1.5}}
+pre,code{{background:#f4f4f4}}pre{{padding:.5em;white-space:pre-wrap}}</style></head>
+<body><h1>nixeryd</h1>
+<p>A container registry that builds images on demand with Nix. The image name is the list
+of packages it holds:</p>
+<pre>docker pull {host}/shell/hello
+podman pull --tls-verify=false {host}/shell/hello
+skopeo copy --src-tls-verify=false docker://{host}/shell/hello oci:hello:latest</pre>
+<p><code>shell</code> at the front adds an interactive shell and core utilities;
+<code>arm64</code> at the front builds for aarch64-linux. Nested package attributes are
+written with dots (<code>tools.greeter</code>).</p>
+<h2>Recent build errors</h2><ul>{errors}</ul>
+</body></html>
+"""

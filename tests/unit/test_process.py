@@ -1,0 +1,77 @@
+"""The process seam against real child processes (cheap and deterministic)."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
+
+from nixeryd.process import ProcessResult, ProcessTimedOut, ReactorProcessRunner
+
+
+@pytest_twisted.inlineCallbacks
+def test_stderr_lines_stream_and_stdout_is_collected() -> Any:
+    lines: list[str] = []
+    script = (
+        "import sys, time\n"
+        "sys.stderr.write('one\\ntw'); sys.stderr.flush(); time.sleep(0.05)\n"
+        "sys.stderr.write('o\\nthree'); sys.stdout.write('{\"ok\": 1}')\n"
+    )
+    result: ProcessResult = yield ReactorProcessRunner(reactor).run(
+        [sys.executable, "-c", script], timeout=10, on_stderr_line=lines.append
+    )
+    assert result.exit_code == 0
+    assert result.stdout == b'{"ok": 1}'
+    assert lines == ["one", "two", "three"]
+    assert result.stderr_tail == ("one", "two", "three")
+
+
+@pytest_twisted.inlineCallbacks
+def test_exit_code_is_reported_not_raised() -> Any:
+    result: ProcessResult = yield ReactorProcessRunner(reactor).run(
+        [sys.executable, "-c", "import sys; print('bad', file=sys.stderr); sys.exit(3)"],
+        timeout=10,
+        on_stderr_line=lambda line: None,
+    )
+    assert result.exit_code == 3
+    assert result.stderr_tail == ("bad",)
+
+
+@pytest_twisted.inlineCallbacks
+def test_timeout_kills_the_whole_process_group(tmp_path: Any) -> Any:
+    pid_file = tmp_path / "grandchild.pid"
+    # The child starts a grandchild that would outlive a plain kill of the child.
+    script = (
+        "import subprocess, sys, time\n"
+        f"p = subprocess.Popen(['sleep', '60'])\n"
+        f"open({str(pid_file)!r}, 'w').write(str(p.pid))\n"
+        "print('started', file=sys.stderr, flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    lines: list[str] = []
+    with pytest.raises(ProcessTimedOut) as raised:
+        yield ReactorProcessRunner(reactor).run(
+            [sys.executable, "-c", script], timeout=1.0, on_stderr_line=lines.append
+        )
+    assert raised.value.timeout == 1.0
+    assert lines == ["started"]
+    grandchild = int(pid_file.read_text())
+    for _ in range(100):
+        if not _alive(grandchild):
+            break
+        yield deferLater(reactor, 0.02, lambda: None)
+    else:
+        pytest.fail("the grandchild survived the timeout")
+
+
+def _alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie waiting to be reaped counts as dead)."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            return not any(line.startswith("State:\tZ") for line in status)
+    except FileNotFoundError:
+        return False

@@ -55,11 +55,31 @@ class PackagesNotFound(ManifestUnknown):
 
 
 def nix_error_excerpt(stderr: Sequence[str]) -> str:
-    """The first useful lines of a Nix error: from the first ``error:`` line on."""
+    """The first useful lines of a Nix error, for a person reading a registry error.
+
+    From the first ``error:`` line on; when a builder failed, also the last
+    lines it printed, which Nix streamed before its error line.
+    """
     start = next((i for i, line in enumerate(stderr) if line.lstrip().startswith("error:")), None)
-    lines = list(stderr[start:] if start is not None else stderr[-ERROR_EXCERPT_LINES:])
-    useful = [line.rstrip() for line in lines if line.strip() and "--show-trace" not in line]
-    return "\n".join(useful[:ERROR_EXCERPT_LINES]) or "Nix failed without an error message"
+    if start is None:
+        return _useful(stderr[-ERROR_EXCERPT_LINES:]) or "Nix failed without an error message"
+    excerpt = _useful(stderr[start:])
+    if stderr[start].lstrip().startswith("error: builder for"):
+        builder_output = [line for line in stderr[:start] if not _is_nix_progress(line)]
+        if builder_output:
+            excerpt += "\nlast lines of the build log:\n" + _useful(builder_output[-8:])
+    return excerpt
+
+
+def _useful(lines: Sequence[str]) -> str:
+    kept = [line.rstrip() for line in lines if line.strip() and "--show-trace" not in line]
+    return "\n".join(kept[:ERROR_EXCERPT_LINES])
+
+
+def _is_nix_progress(line: str) -> bool:
+    """Lines Nix prints about what it builds, as opposed to the builder's own output."""
+    text = line.strip()
+    return text.startswith(("building '", "this derivation", "these ", "warning:", "/nix/store/"))
 
 
 class Nix:

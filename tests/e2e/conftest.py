@@ -1,0 +1,99 @@
+"""End-to-end fixtures: real ``nixeryd serve`` processes over the test package set."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+TEST_PACKAGES = ROOT / "tests" / "pkgs"
+
+
+def nix_env(**extra: str) -> dict[str, str]:
+    """The environment for Nix here: no binary cache to wait for (there is no internet)."""
+    return {**os.environ, "NIX_CONFIG": "substituters =", **extra}
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+class Daemon:
+    """A ``nixeryd serve`` child process on a free port, with its log in a file."""
+
+    def __init__(self, workdir: Path, **environment: str) -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.host = f"127.0.0.1:{self.port}"
+        self.url = f"http://{self.host}"
+        self.log_path = workdir / "nixeryd.log"
+        defaults = {
+            "PORT": str(self.port),
+            "NIXERY_PKGS_PATH": str(TEST_PACKAGES),
+            "NIXERY_STORAGE_BACKEND": "filesystem",
+            "STORAGE_PATH": str(workdir / "storage"),
+        }
+        env = nix_env(**{**defaults, **environment})
+        with self.log_path.open("wb") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "nixeryd", "serve"], env=env, stdout=log, stderr=log
+            )
+        self._wait_until_serving()
+
+    def _wait_until_serving(self) -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"nixeryd exited early:\n{self.log()}")
+            try:
+                urllib.request.urlopen(self.url + "/v2/", timeout=1).close()
+                return
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError(f"nixeryd did not start:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+@pytest.fixture(scope="session")
+def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    """One daemon for the session over the test package set; Nix's store makes later
+    builds of the same packages cheap."""
+    instance = Daemon(tmp_path_factory.mktemp("daemon"))
+    yield instance
+    instance.stop()
+
+
+@pytest.fixture
+def fresh_daemon(tmp_path: Path) -> Iterator[Daemon]:
+    """A daemon with its own empty storage."""
+    instance = Daemon(tmp_path / "fresh")
+    yield instance
+    instance.stop()
+
+
+def require(*tools: str) -> None:
+    missing = [tool for tool in tools if shutil.which(tool) is None]
+    if missing:
+        pytest.fail(f"end-to-end tests need {', '.join(missing)}: run scripts/setup")

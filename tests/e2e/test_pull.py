@@ -85,7 +85,7 @@ def test_the_image_keeps_every_kind_of_file(daemon: Daemon, tmp_path: Path) -> N
     entries = {path.relative_to(fancy).as_posix(): path for path in fancy.rglob("*")}
     symlinks = {name: os.readlink(path) for name, path in entries.items() if path.is_symlink()}
     assert any(not target.startswith("/") for target in symlinks.values()), symlinks
-    assert any(target.startswith(str("/nix/store/")) for target in symlinks.values()), symlinks
+    assert any(target.startswith("/nix/store/") for target in symlinks.values()), symlinks
     assert any(path.is_dir() and not any(path.iterdir()) for path in entries.values())
     assert any(len(f"/nix/store/{fancy.name}/{name}") > 150 for name in entries)
     assert any(not name.isascii() for name in entries)

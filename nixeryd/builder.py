@@ -144,7 +144,10 @@ class ImageBuilder:
             built = yield self._cached_manifests(eval_key)
             if built is None:
                 started = self._clock.seconds()
-                built = yield self._build(image, packages, popularity)
+                try:
+                    built = yield self._build(image, packages, popularity)
+                finally:
+                    self._nix.release(image)
                 yield self._remember(eval_key, built)
                 seconds = self._clock.seconds() - started
                 self.log.info(

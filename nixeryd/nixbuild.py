@@ -12,7 +12,9 @@ image:
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib.resources import files
@@ -95,11 +97,13 @@ class Nix:
         bin_dir: str | None = None,
         env: Mapping[str, str] | None = None,
         expression: Path | None = None,
+        gc_roots: Path | None = None,
     ) -> None:
         self._processes = processes
         self._timeout = timeout
         self._bin_dir = bin_dir
         self._env = env
+        self._gc_roots = gc_roots
         self._expression = expression or Path(str(files("nixeryd") / "nixexprs" / "nixeryd.nix"))
 
     def _command(self, name: str) -> str:
@@ -171,9 +175,28 @@ class Nix:
 
     @inlineCallbacks
     def realise(self, packages: Sequence[ResolvedPackage], image: ImageName) -> Any:
-        """Build (or substitute) the packages' derivations."""
+        """Build (or substitute) the packages' derivations.
+
+        With ``gc_roots`` set, the outputs are registered as temporary garbage
+        collector roots until :meth:`release`, so a ``nix-collect-garbage``
+        running meanwhile cannot delete paths while their layers are written.
+        """
         drvs = sorted({package.drv_path for package in packages})
-        yield self._run([self._command("nix-store"), "--realise", *drvs], image.canonical, "build")
+        roots = []
+        if self._gc_roots is not None:
+            roots = ["--add-root", str(self._roots_of(image) / "result"), "--indirect"]
+        yield self._run(
+            [self._command("nix-store"), "--realise", *roots, *drvs], image.canonical, "build"
+        )
+
+    def release(self, image: ImageName) -> None:
+        """Drop the garbage collector roots :meth:`realise` registered for the image."""
+        if self._gc_roots is not None:
+            shutil.rmtree(self._roots_of(image), ignore_errors=True)
+
+    def _roots_of(self, image: ImageName) -> Path:
+        assert self._gc_roots is not None
+        return self._gc_roots / hashlib.sha256(image.canonical.encode()).hexdigest()[:32]
 
     @inlineCallbacks
     def closure(self, packages: Sequence[ResolvedPackage], image: ImageName) -> Any:

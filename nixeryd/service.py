@@ -8,7 +8,9 @@ client; tests call it with fakes.
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from treq.client import HTTPClient
@@ -61,7 +63,12 @@ def make_registry(
     source = plugins.package_source(config.package_source).create(runtime)
     layering = plugins.layering_strategy(config.layering_strategy).create(runtime)
     builder = ImageBuilder(
-        nix=Nix(processes, timeout=config.nix_timeout, bin_dir=config.nix_bin_dir),
+        nix=Nix(
+            processes,
+            timeout=config.nix_timeout,
+            bin_dir=config.nix_bin_dir,
+            gc_roots=Path(tempfile.mkdtemp(prefix="nixeryd-gcroots-")),
+        ),
         source=source,
         storage=storage,
         layering=layering,

@@ -1,0 +1,69 @@
+from pathlib import Path
+
+import pytest
+
+from nixeryd.config import ConfigError, default_package_set, load_config
+
+
+def test_nixery_variables_work_unchanged() -> None:
+    config = load_config(
+        {},
+        {
+            "PORT": "9000",
+            "NIXERY_PKGS_REPO": "git@example.com:pkgs.git",
+            "NIXERY_STORAGE_BACKEND": "filesystem",
+            "STORAGE_PATH": "/srv/store",
+            "NIX_TIMEOUT": "120",
+            "NIX_POPULARITY_URL": "file:///srv/popularity.json",
+        },
+    )
+    assert config.listen == ("tcp:9000",)
+    assert config.package_source == "git"
+    assert config.pkgs_repo == "git@example.com:pkgs.git"
+    assert config.storage_path == "/srv/store"
+    assert config.nix_timeout == 120.0
+    assert config.popularity_url == "file:///srv/popularity.json"
+
+
+def test_the_default_is_the_example_package_set() -> None:
+    config = load_config({}, {})
+    assert config.package_source == "path"
+    assert config.pkgs_path == default_package_set()
+    assert (Path(default_package_set()) / "default.nix").is_file()
+    assert config.listen == ("tcp:8080",)
+
+
+def test_command_line_beats_environment_beats_file(tmp_path: Path) -> None:
+    file = tmp_path / "nixeryd.toml"
+    file.write_text('nix_timeout = 10\nlayer_budget = 50\nlisten = ["tcp:1"]\n')
+    config = load_config({"nix_timeout": "30"}, {"NIX_TIMEOUT": "20", "PORT": "2"}, file)
+    assert config.nix_timeout == 30.0
+    assert config.layer_budget == 50
+    assert config.listen == ("tcp:2",)
+    config = load_config({"listen": ["tcp:3", "unix:/run/n.sock"]}, {"PORT": "2"}, file)
+    assert config.listen == ("tcp:3", "unix:/run/n.sock")
+
+
+def test_errors_name_the_key_and_its_source(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"\$NIX_TIMEOUT \(nix_timeout\) = 'soon'"):
+        load_config({}, {"NIX_TIMEOUT": "soon"})
+    with pytest.raises(ConfigError, match="--layer-budget"):
+        load_config({"layer_budget": "500"}, {})
+    with pytest.raises(ConfigError, match=r"\$PORT"):
+        load_config({}, {"PORT": "http"})
+    file = tmp_path / "bad.toml"
+    file.write_text("log_format = 'xml'\n")
+    with pytest.raises(ConfigError, match=f"{file}: log_format"):
+        load_config({}, {}, file)
+
+
+def test_only_one_package_set(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="exactly one package set"):
+        load_config({"channel": "nixos-unstable"}, {"NIXERY_PKGS_PATH": str(tmp_path)})
+
+
+def test_plugin_tables_reach_plugins(tmp_path: Path) -> None:
+    file = tmp_path / "nixeryd.toml"
+    file.write_text('unknown_key = 1\n[plugin.mysite]\nbucket = "images"\n')
+    config = load_config({}, {}, file)
+    assert config.plugin_options == {"mysite": {"bucket": "images"}}

@@ -1,0 +1,53 @@
+from typing import Any
+
+import pytest
+from twisted.internet.task import Clock
+
+from nixeryd import hookimpl
+from nixeryd.config import Config, ConfigError
+from nixeryd.plugins import Plugins, builtin_plugins, make_plugin_manager
+from nixeryd.runtime import Provider, Runtime
+
+
+def test_builtins_are_plugins() -> None:
+    plugins = Plugins(make_plugin_manager(load_entrypoints=False))
+    assert plugins.storage_backend("filesystem").name == "filesystem"
+    for source in ("path", "git", "channel"):
+        assert plugins.package_source(source).name == source
+    assert plugins.layering_strategy("popularity").name == "popularity"
+
+
+def test_an_unknown_name_lists_what_is_available() -> None:
+    plugins = Plugins(make_plugin_manager(load_entrypoints=False))
+    with pytest.raises(ConfigError) as raised:
+        plugins.storage_backend("s4")
+    assert "unknown storage backend 's4'" in str(raised.value)
+    assert "filesystem (" in str(raised.value)
+
+
+def test_site_plugins_add_providers_and_see_events(tmp_path: Any) -> None:
+    seen: list[tuple[str, str]] = []
+
+    class SitePlugin:
+        @hookimpl
+        def nixeryd_package_sources(self) -> list[Provider[Any]]:
+            return [Provider("site", "our packages", lambda runtime: runtime.config.plugin_options)]
+
+        @hookimpl
+        def nixeryd_image_built(self, image: str, tag: str, digest: str, seconds: float) -> None:
+            seen.append((image, digest))
+
+    plugins = Plugins(
+        make_plugin_manager(plugins=[*builtin_plugins(), SitePlugin()], load_entrypoints=False)
+    )
+    config = Config(plugin_options={"site": {"x": 1}})
+    runtime = Runtime(config, Clock(), object(), object(), lambda work: work())  # type: ignore[arg-type]
+    assert plugins.package_source("site").create(runtime) == {"site": {"x": 1}}
+    plugins.image_built("amd64:hello", "latest", "sha256:x", 1.0)
+    assert seen == [("amd64:hello", "sha256:x")]
+
+
+def test_entry_point_plugins_load() -> None:
+    """The example plugin in plugins/ is installed by scripts/setup through its entry point."""
+    plugins = Plugins(make_plugin_manager())
+    assert plugins.layering_strategy("single-layer").name == "single-layer"

@@ -13,10 +13,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from treq.testing import StubTreq
-from twisted.internet import task
 from twisted.internet.defer import Deferred
-from twisted.internet.task import Clock, Cooperator
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
@@ -29,6 +26,7 @@ from nixeryd.builtin.filesystem import (
 )
 from nixeryd.errors import DigestInvalid
 from nixeryd.storage import BlobInfo, Storage
+from tests.memoryhttp import MemoryHTTP
 
 T = TypeVar("T")
 
@@ -299,25 +297,17 @@ class Reply:
 
 
 class BlobClient:
-    """Real HTTP requests through twisted.web's Site and treq's client, in memory.
-
-    twisted.web drives a pull producer through the global Cooperator, which
-    needs a running reactor; here it ticks on a Clock that fetch() advances.
-    """
+    """Real HTTP requests for one storage's blobs, through twisted.web and treq, in memory."""
 
     def __init__(self, storage: FilesystemStorage, monkeypatch: pytest.MonkeyPatch) -> None:
         self._storage = storage
-        self._clock = Clock()
-        cooperator = Cooperator(scheduler=lambda work: self._clock.callLater(0, work))
-        monkeypatch.setattr(task, "_theCooperator", cooperator)
+        self._monkeypatch = monkeypatch
 
     def fetch(
         self, info: BlobInfo, method: str = "GET", headers: dict[str, str] | None = None
     ) -> Reply:
-        client: Any = StubTreq(self._storage.blob_resource(info))  # type: ignore[no-untyped-call]
-        d = client.request(method, "http://registry.test/blob", headers=headers or {})
-        response = self._settle(client, d)
-        body = self._settle(client, client.content(response))
+        http = MemoryHTTP(self._storage.blob_resource(info), self._monkeypatch)
+        response, body = http.request(method, "http://registry.test/blob", headers=headers or {})
         if method == "HEAD":
             # Twisted's client keeps a HEAD response's Content-Length as a header.
             length = response.headers.getRawHeaders("Content-Length", [None])[0]
@@ -326,15 +316,6 @@ class BlobClient:
             # Otherwise it moves Content-Length to .length (UNKNOWN_LENGTH if absent).
             content_length = None if response.length is UNKNOWN_LENGTH else response.length
         return Reply(response.code, response.headers, body, content_length)
-
-    def _settle(self, client: Any, d: Deferred[T]) -> T:
-        outcome = watch(d)
-        for _ in range(10_000):
-            if outcome:
-                return unwrap(outcome)
-            client.flush()
-            self._clock.advance(0)
-        raise AssertionError("response never completed")
 
 
 DATA = bytes(range(256)) * 4

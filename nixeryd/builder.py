@@ -144,10 +144,7 @@ class ImageBuilder:
             built = yield self._cached_manifests(eval_key)
             if built is None:
                 started = self._clock.seconds()
-                try:
-                    built = yield self._build(image, packages, popularity)
-                finally:
-                    self._nix.release(image)
+                built = yield self._build(image, packages, popularity)
                 yield self._remember(eval_key, built)
                 seconds = self._clock.seconds() - started
                 self.log.info(
@@ -189,40 +186,43 @@ class ImageBuilder:
             timings[step] = now - mark
             mark = now
 
-        yield self._nix.realise(packages, image)
-        lap("realise")
-        closure: ClosureGraph = yield self._nix.closure(packages, image)
-        lap("closure")
-        # One layer of the budget is the symlink forest's.
-        layers: list[Layer] = yield self._run_in_thread(
-            lambda: self._layering.group(closure, popularity, self._budget - 1)
-        )
-        self._check_layering(closure, layers)
-        lap("layering")
-        roots = [package.out_path for package in packages]
-        descriptors: list[LayerDescriptor] = yield gatherResults(
-            [self._store_layer(layer) for layer in layers] + [self._forest_layer(roots)],
-            consumeErrors=True,
-        ).addErrback(_first_error)
-        lap("layers")
-        config = image_config(
-            image.architecture, descriptors, (package.name for package in packages)
-        )
-        config_info = yield self._storage.put_blob(config, OCI_CONFIG)
-        manifests = {}
-        for form, (media_type, _, _) in FORMS.items():
-            data = image_manifest(form, config_info.digest, config_info.size, descriptors)
-            info = yield self._storage.put_blob(data, media_type)
-            manifests[form] = StoredManifest(media_type, info.digest, data)
-        lap("manifest")
-        self.log.info(
-            "{image}: {paths} store paths in {layers} layers; {timings}",
-            image=image.canonical,
-            paths=len(closure.paths),
-            layers=len(descriptors),
-            timings=", ".join(f"{step} {seconds:.2f}s" for step, seconds in timings.items()),
-        )
-        return BuiltImage(manifests)
+        gc_roots = yield self._nix.realise(packages, image)
+        try:
+            lap("realise")
+            closure: ClosureGraph = yield self._nix.closure(packages, image)
+            lap("closure")
+            # One layer of the budget is the symlink forest's.
+            layers: list[Layer] = yield self._run_in_thread(
+                lambda: self._layering.group(closure, popularity, self._budget - 1)
+            )
+            self._check_layering(closure, layers)
+            lap("layering")
+            roots = [package.out_path for package in packages]
+            descriptors: list[LayerDescriptor] = yield gatherResults(
+                [self._store_layer(layer) for layer in layers] + [self._forest_layer(roots)],
+                consumeErrors=True,
+            ).addErrback(_first_error)
+            lap("layers")
+            config = image_config(
+                image.architecture, descriptors, (package.name for package in packages)
+            )
+            config_info = yield self._storage.put_blob(config, OCI_CONFIG)
+            manifests = {}
+            for form, (media_type, _, _) in FORMS.items():
+                data = image_manifest(form, config_info.digest, config_info.size, descriptors)
+                info = yield self._storage.put_blob(data, media_type)
+                manifests[form] = StoredManifest(media_type, info.digest, data)
+            lap("manifest")
+            self.log.info(
+                "{image}: {paths} store paths in {layers} layers; {timings}",
+                image=image.canonical,
+                paths=len(closure.paths),
+                layers=len(descriptors),
+                timings=", ".join(f"{step} {seconds:.2f}s" for step, seconds in timings.items()),
+            )
+            return BuiltImage(manifests)
+        finally:
+            self._nix.release(gc_roots)
 
     def _check_layering(self, closure: ClosureGraph, layers: Sequence[Layer]) -> None:
         """Refuse a plugin's layering that loses or repeats paths or breaks the budget."""

@@ -12,9 +12,9 @@ image:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib.resources import files
@@ -178,25 +178,32 @@ class Nix:
         """Build (or substitute) the packages' derivations.
 
         With ``gc_roots`` set, the outputs are registered as temporary garbage
-        collector roots until :meth:`release`, so a ``nix-collect-garbage``
-        running meanwhile cannot delete paths while their layers are written.
+        collector roots in a directory of this build's own, which fires the
+        Deferred; pass it to :meth:`release` once the layers are written, so a
+        ``nix-collect-garbage`` meanwhile cannot delete the paths being archived.
         """
         drvs = sorted({package.drv_path for package in packages})
-        roots = []
+        roots = None
+        add_root = []
         if self._gc_roots is not None:
-            roots = ["--add-root", str(self._roots_of(image) / "result"), "--indirect"]
-        yield self._run(
-            [self._command("nix-store"), "--realise", *roots, *drvs], image.canonical, "build"
-        )
+            self._gc_roots.mkdir(parents=True, exist_ok=True)
+            roots = Path(tempfile.mkdtemp(dir=self._gc_roots))
+            add_root = ["--add-root", str(roots / "result"), "--indirect"]
+        try:
+            yield self._run(
+                [self._command("nix-store"), "--realise", *add_root, *drvs],
+                image.canonical,
+                "build",
+            )
+        except BaseException:
+            self.release(roots)
+            raise
+        return roots
 
-    def release(self, image: ImageName) -> None:
-        """Drop the garbage collector roots :meth:`realise` registered for the image."""
-        if self._gc_roots is not None:
-            shutil.rmtree(self._roots_of(image), ignore_errors=True)
-
-    def _roots_of(self, image: ImageName) -> Path:
-        assert self._gc_roots is not None
-        return self._gc_roots / hashlib.sha256(image.canonical.encode()).hexdigest()[:32]
+    def release(self, roots: Path | None) -> None:
+        """Drop the garbage collector roots :meth:`realise` registered."""
+        if roots is not None:
+            shutil.rmtree(roots, ignore_errors=True)
 
     @inlineCallbacks
     def closure(self, packages: Sequence[ResolvedPackage], image: ImageName) -> Any:

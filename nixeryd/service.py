@@ -67,7 +67,7 @@ def make_registry(
             processes,
             timeout=config.nix_timeout,
             bin_dir=config.nix_bin_dir,
-            gc_roots=Path(tempfile.mkdtemp(prefix="nixeryd-gcroots-")),
+            gc_roots=Path(tempfile.gettempdir()) / "nixeryd-gcroots",
         ),
         source=source,
         storage=storage,

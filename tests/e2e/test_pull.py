@@ -208,8 +208,6 @@ def test_ten_concurrent_requests_run_one_nix_build(fresh_daemon: Daemon) -> None
     assert len({digest for _, digest in results}) == 1
     built = [line for line in fresh_daemon.log().splitlines() if " built amd64:" in line]
     assert len(built) == 1, built
-    evaluations = [line for line in fresh_daemon.log().splitlines() if "evaluation" in line]
-    assert len([line for line in evaluations if "killed" in line]) == 0
 
 
 def test_a_timeout_is_reported_and_the_daemon_keeps_serving(tmp_path: Path) -> None:

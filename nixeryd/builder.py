@@ -15,6 +15,11 @@ Caches, cheapest first:
   change, so a HEAD after a GET does not rebuild;
 * layers, keyed by their store paths (``builds/<key>``), shared by images.
 
+An image name without a platform prefix stands for one image per configured
+platform, built concurrently and listed by an index; a platform that cannot be
+built (no builder for its Nix system, a package missing there) is left out of
+the index, and tried again after :data:`PLATFORM_RETRY_SECONDS`.
+
 Concurrent requests for one image share one build; concurrent builds that
 share a layer write it once.
 """
@@ -36,17 +41,22 @@ from twisted.python.failure import Failure
 from nixeryd.closure import ClosureGraph
 from nixeryd.errors import BuildFailed, RegistryError
 from nixeryd.forest import symlink_forest
-from nixeryd.imagename import ImageName
+from nixeryd.imagename import ImageName, ImageTarget
 from nixeryd.layering import Layer, LayeringStrategy
 from nixeryd.manifest import (
     FORMS,
+    INDEX_FORMS,
     OCI_CONFIG,
     OCI_LAYER,
+    Choice,
+    IndexEntry,
     LayerDescriptor,
     image_config,
+    image_index,
     image_manifest,
 )
 from nixeryd.nixbuild import Nix, ResolvedPackage
+from nixeryd.platform import Platform
 from nixeryd.popularity import Popularity, PopularitySource
 from nixeryd.singleflight import SingleFlight
 from nixeryd.sources import PackageSource, SourceRef
@@ -58,6 +68,11 @@ FORMAT_VERSION = "nixeryd-1"
 
 #: Manifests of pinned images kept in memory, in front of storage.
 LOCAL_MANIFEST_CACHE_SIZE = 1024
+
+#: How long a platform that failed to build is left out of its image's index
+#: before it is tried again: a missing builder does not appear within seconds,
+#: and every pull would otherwise pay for the failing evaluation.
+PLATFORM_RETRY_SECONDS = 300.0
 
 
 @dataclass(frozen=True)
@@ -71,9 +86,26 @@ class StoredManifest:
 
 @dataclass(frozen=True)
 class BuiltImage:
-    """An image's manifests, one per form (``docker``, ``oci``)."""
+    """One platform's image: its manifests, one per form (``docker``, ``oci``)."""
 
+    platform: Platform
     manifests: Mapping[str, StoredManifest]
+
+
+@dataclass(frozen=True)
+class TaggedImage:
+    """What an image name and tag stand for: one image per platform that could be built,
+    the default platform's first, and their indexes (one per form) when the name
+    left the platform to the configuration and several are configured."""
+
+    images: Sequence[BuiltImage]
+    indexes: Mapping[str, StoredManifest]
+
+    def answer(self, choice: Choice) -> StoredManifest:
+        """The manifest or index a client gets, per :func:`nixeryd.manifest.choose`."""
+        if choice.index and self.indexes:
+            return self.indexes[choice.form]
+        return self.images[0].manifests[choice.form]
 
 
 @dataclass(frozen=True)
@@ -101,6 +133,7 @@ class ImageBuilder:
         layering: LayeringStrategy,
         layering_name: str,
         layer_budget: int,
+        platforms: Sequence[Platform],
         popularity: PopularitySource,
         run_in_thread: Callable[[Callable[[], Any]], Deferred[Any]],
         clock: Any,
@@ -113,6 +146,7 @@ class ImageBuilder:
         self._layering = layering
         self._layering_name = layering_name
         self._budget = layer_budget
+        self._platforms = tuple(platforms)
         self._popularity = popularity
         self._run_in_thread = run_in_thread
         self._clock = clock
@@ -121,27 +155,89 @@ class ImageBuilder:
         self._images: SingleFlight[BuiltImage] = SingleFlight()
         self._layers: SingleFlight[LayerDescriptor] = SingleFlight()
         self._local: OrderedDict[str, BuiltImage] = OrderedDict()
+        self._indexes: OrderedDict[tuple[str, ...], Mapping[str, StoredManifest]] = OrderedDict()
+        self._unbuildable: dict[tuple[str, str], float] = {}
         self.recent_errors: deque[BuildError] = deque(maxlen=20)
 
-    def image(self, image: ImageName, tag: str) -> Deferred[BuiltImage]:
-        """The image's manifests, built if needed; concurrent callers share one build."""
+    @inlineCallbacks
+    def tagged(self, image: ImageName, tag: str) -> Any:
+        """What ``image:tag`` stands for (a :class:`TaggedImage`), built if needed."""
+        targets = image.targets(self._platforms)
+        if len(targets) == 1:
+            built = yield self.image(targets[0], tag)
+            return TaggedImage([built], {})
+        now = self._clock.seconds()
+        tried = [
+            target
+            for target in targets
+            if self._unbuildable.get((target.canonical, tag), 0.0) <= now
+        ] or targets
+        results = yield gatherResults(
+            [self.image(target, tag).addErrback(_registry_error) for target in tried],
+            consumeErrors=True,
+        ).addErrback(_first_error)
+        images = [result for result in results if isinstance(result, BuiltImage)]
+        for target, result in zip(tried, results, strict=True):
+            if isinstance(result, RegistryError):
+                self._unbuildable[(target.canonical, tag)] = now + PLATFORM_RETRY_SECONDS
+                self.log.warn(
+                    "{image}:{tag}: left out of the index for {seconds:g} s: {reason}",
+                    image=target.canonical,
+                    tag=tag,
+                    seconds=PLATFORM_RETRY_SECONDS,
+                    reason=result.message,
+                )
+            else:
+                self._unbuildable.pop((target.canonical, tag), None)
+        if not images:
+            raise next(result for result in results if isinstance(result, RegistryError))
+        indexes = yield self._indexes_of(images)
+        return TaggedImage(images, indexes)
+
+    @inlineCallbacks
+    def _indexes_of(self, images: Sequence[BuiltImage]) -> Any:
+        key = tuple(image.manifests["docker"].digest for image in images)
+        if key in self._indexes:
+            self._indexes.move_to_end(key)
+            return self._indexes[key]
+        indexes = {}
+        for form, media_type in INDEX_FORMS.items():
+            entries = [
+                IndexEntry(
+                    image.platform,
+                    image.manifests[form].media_type,
+                    image.manifests[form].digest,
+                    len(image.manifests[form].data),
+                )
+                for image in images
+            ]
+            data = image_index(form, entries)
+            info = yield self._storage.put_blob(data, media_type)
+            indexes[form] = StoredManifest(media_type, info.digest, data)
+        self._indexes[key] = indexes
+        while len(self._indexes) > LOCAL_MANIFEST_CACHE_SIZE:
+            self._indexes.popitem(last=False)
+        return indexes
+
+    def image(self, image: ImageTarget, tag: str) -> Deferred[BuiltImage]:
+        """One platform's image, built if needed; concurrent callers share one build."""
         return self._images.run((image.canonical, tag), lambda: self._image(image, tag))
 
     @inlineCallbacks
-    def _image(self, image: ImageName, tag: str) -> Any:
+    def _image(self, image: ImageTarget, tag: str) -> Any:
         try:
             source: SourceRef = yield self._source.resolve(tag)
             popularity: Popularity = yield self._popularity.get()
             pin_key = None
             if source.pin is not None:
                 pin_key = self._manifest_key("pin", image.canonical, source.pin, popularity)
-                cached = yield self._cached_manifests(pin_key)
+                cached = yield self._cached_manifests(pin_key, image.platform)
                 if cached is not None:
                     return cached
             packages: list[ResolvedPackage] = yield self._nix.resolve(source, image)
             outputs = sorted(package.out_path for package in packages)
             eval_key = self._manifest_key("eval", image.canonical, "\n".join(outputs), popularity)
-            built = yield self._cached_manifests(eval_key)
+            built = yield self._cached_manifests(eval_key, image.platform)
             if built is None:
                 started = self._clock.seconds()
                 built = yield self._build(image, packages, popularity)
@@ -175,7 +271,7 @@ class ImageBuilder:
 
     @inlineCallbacks
     def _build(
-        self, image: ImageName, packages: Sequence[ResolvedPackage], popularity: Popularity
+        self, image: ImageTarget, packages: Sequence[ResolvedPackage], popularity: Popularity
     ) -> Any:
         timings: dict[str, float] = {}
         mark = self._clock.seconds()
@@ -204,7 +300,7 @@ class ImageBuilder:
             ).addErrback(_first_error)
             lap("layers")
             config = image_config(
-                image.architecture, descriptors, (package.name for package in packages)
+                image.platform, descriptors, (package.name for package in packages)
             )
             config_info = yield self._storage.put_blob(config, OCI_CONFIG)
             manifests = {}
@@ -220,7 +316,7 @@ class ImageBuilder:
                 layers=len(descriptors),
                 timings=", ".join(f"{step} {seconds:.2f}s" for step, seconds in timings.items()),
             )
-            return BuiltImage(manifests)
+            return BuiltImage(image.platform, manifests)
         finally:
             self._nix.release(gc_roots)
 
@@ -276,7 +372,7 @@ class ImageBuilder:
         return descriptor
 
     @inlineCallbacks
-    def _cached_manifests(self, key: str) -> Any:
+    def _cached_manifests(self, key: str, platform: Platform) -> Any:
         if key in self._local:
             self._local.move_to_end(key)
             return self._local[key]
@@ -289,7 +385,7 @@ class ImageBuilder:
             if data is None or form not in FORMS:
                 return None
             manifests[form] = StoredManifest(FORMS[form][0], digest, data)
-        built = BuiltImage(manifests)
+        built = BuiltImage(platform, manifests)
         self._keep_local(key, built)
         return built
 
@@ -304,6 +400,13 @@ class ImageBuilder:
         self._local.move_to_end(key)
         while len(self._local) > LOCAL_MANIFEST_CACHE_SIZE:
             self._local.popitem(last=False)
+
+
+def _registry_error(failure: Failure) -> RegistryError:
+    """A build's registry error as a value, so that one platform's failure does not fail
+    the others; anything else is a fault and stays a failure."""
+    failure.trap(RegistryError)
+    return cast(RegistryError, failure.value)
 
 
 def _first_error(failure: Failure) -> Failure:

@@ -17,6 +17,7 @@ from typing import Any
 from twisted.logger import Logger
 
 from nixeryd.layering import DEFAULT_LAYER_BUDGET
+from nixeryd.platform import Platform, host_platform, parse_platforms
 
 log = Logger()
 
@@ -41,6 +42,8 @@ class Config:
     popularity_url: str | None = None
     layering_strategy: str = "popularity"
     layer_budget: int = DEFAULT_LAYER_BUDGET
+    #: Platforms every image is built for (an index lists them); the first is the default.
+    platforms: tuple[Platform, ...] = field(default_factory=lambda: (host_platform(),))
     nix_bin_dir: str | None = None
     log_format: str = "text"
     #: ``[plugin.<name>]`` tables of the config file, for site plugins' own settings.
@@ -104,6 +107,13 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option("layering_strategy", "name of the layering plugin", ("NIXERYD_LAYERING_STRATEGY",)),
     Option("layer_budget", "most layers per image", ("NIXERYD_LAYER_BUDGET",), _budget),
+    Option(
+        "platforms",
+        "comma-separated platforms to build each image for, such as linux/amd64,linux/arm64; "
+        "the first is served to clients that take no index (default: this machine's)",
+        ("NIXERYD_PLATFORMS",),
+        parse_platforms,
+    ),
     Option(
         "nix_bin_dir",
         "directory holding nix-instantiate, nix-store and nix (default: from PATH)",
@@ -194,7 +204,9 @@ def _read_file(path: Path, values: dict[str, Any], origins: dict[str, str]) -> N
                 raise ConfigError(f"{origin}: must be a table of [plugin.<name>] tables")
             values["plugin_options"] = value
         elif key in known:
-            values[key] = _parse(known[key], str(value), origin)
+            # Lists (platforms = ["linux/amd64", "linux/arm64"]) read like their flag's commas.
+            text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
+            values[key] = _parse(known[key], text, origin)
         else:
             log.warn("{origin}: unknown configuration key, ignored", origin=origin)
             continue

@@ -54,5 +54,5 @@ def nixeryd_layering_strategies() -> Sequence[Provider[LayeringStrategy]]:
 @hookspec
 def nixeryd_image_built(image: str, tag: str, digest: str, seconds: float) -> None:
     """An image was built (not served from cache): ``image`` is the canonical name
-    (``amd64:bashInteractive/hello``), ``digest`` its Docker manifest digest.
+    (``linux/amd64:bashInteractive/hello``), ``digest`` its Docker manifest digest.
     For metrics, audit logs or warming other caches."""

@@ -5,7 +5,8 @@
 
 * the packages are sorted, so ``git/htop`` and ``htop/git`` are one image;
 * meta-packages are recognised only at the front of the name: ``shell`` adds
-  an interactive shell and basic tools, ``arm64`` selects ``aarch64-linux``;
+  an interactive shell and basic tools, ``arm64`` selects the ``linux/arm64``
+  platform; without it the image is built for every configured platform;
 * ``cacert`` and ``iana-etc`` are added when the package set has them (the
   Nix side drops them silently when it does not).
 
@@ -16,15 +17,17 @@ attribute names by the Nix expression, which alone knows them.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from nixeryd.errors import NameInvalid
+from nixeryd.platform import ARM64, Platform
 
 SHELL_PACKAGES = ("bashInteractive", "coreutils", "moreutils", "nano")
 IMPLICIT_PACKAGES = ("cacert", "iana-etc")
 
-#: Nix system and OCI architecture of each target the image name can select.
-PLATFORMS = {"amd64": "x86_64-linux", "arm64": "aarch64-linux"}
+# The distribution spec's tag grammar.
+_TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
 
 # The distribution spec's repository name grammar, per path component.
 _COMPONENT = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*$")
@@ -33,17 +36,30 @@ _MAX_NAME_LENGTH = 255
 
 @dataclass(frozen=True)
 class ImageName:
-    """A parsed image name: what to build, for which platform."""
+    """A parsed image name: what to build, and for which platform if the name says."""
 
     #: The packages the client asked for (attribute paths), sorted, meta-packages expanded.
     packages: tuple[str, ...]
-    #: OCI architecture (``amd64`` or ``arm64``).
-    architecture: str
+    #: The platform the name's ``arm64`` prefix chose; None leaves it to the configuration.
+    platform: Platform | None = None
+
+    def targets(self, configured: Sequence[Platform]) -> list[ImageTarget]:
+        """The images this name stands for: one per configured platform, unless it chose one."""
+        platforms = [self.platform] if self.platform is not None else configured
+        return [ImageTarget(self.packages, platform) for platform in platforms]
+
+
+@dataclass(frozen=True)
+class ImageTarget:
+    """One image to build: the packages of an image name, for one platform."""
+
+    packages: tuple[str, ...]
+    platform: Platform
 
     @property
     def system(self) -> str:
         """The Nix system string the packages are evaluated for."""
-        return PLATFORMS[self.architecture]
+        return self.platform.system
 
     @property
     def optional_packages(self) -> tuple[str, ...]:
@@ -53,7 +69,12 @@ class ImageName:
     @property
     def canonical(self) -> str:
         """A stable text form: equal for every spelling of the same image."""
-        return f"{self.architecture}:{'/'.join(self.packages)}"
+        return f"{self.platform.name}:{'/'.join(self.packages)}"
+
+
+def is_valid_tag(tag: str) -> bool:
+    """Whether ``tag`` is a tag by the distribution spec's grammar: what a client can pull."""
+    return _TAG.match(tag) is not None
 
 
 def parse_image_name(name: str) -> ImageName:
@@ -72,7 +93,7 @@ def parse_image_name(name: str) -> ImageName:
                 "names separated by '/', such as shell/git/htop"
             )
 
-    architecture = "amd64"
+    platform = None
     packages: set[str] = set()
     rest = list(components)
     while rest and rest[0] in ("shell", "arm64"):
@@ -80,8 +101,8 @@ def parse_image_name(name: str) -> ImageName:
         if meta == "shell":
             packages.update(SHELL_PACKAGES)
         else:
-            architecture = "arm64"
+            platform = ARM64
     packages.update(rest)
     if not packages:
         raise NameInvalid(f"{name!r} names no package: add one, such as {name}/hello")
-    return ImageName(packages=tuple(sorted(packages)), architecture=architecture)
+    return ImageName(packages=tuple(sorted(packages)), platform=platform)

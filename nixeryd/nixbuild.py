@@ -26,7 +26,7 @@ from twisted.logger import Logger
 
 from nixeryd.closure import ClosureGraph
 from nixeryd.errors import BuildFailed, BuildTimedOut, ManifestUnknown
-from nixeryd.imagename import ImageName
+from nixeryd.imagename import ImageTarget
 from nixeryd.process import ProcessResult, ProcessRunner, ProcessTimedOut
 from nixeryd.sources import SourceRef
 
@@ -145,7 +145,7 @@ class Nix:
         return result.stdout
 
     @inlineCallbacks
-    def resolve(self, source: SourceRef, image: ImageName) -> Any:
+    def resolve(self, source: SourceRef, image: ImageTarget) -> Any:
         """Evaluate the image's packages; fail with :class:`PackagesNotFound` naming
         every missing one. Fires with a list of :class:`ResolvedPackage`."""
         argv = [
@@ -174,7 +174,7 @@ class Nix:
         return packages
 
     @inlineCallbacks
-    def realise(self, packages: Sequence[ResolvedPackage], image: ImageName) -> Any:
+    def realise(self, packages: Sequence[ResolvedPackage], image: ImageTarget) -> Any:
         """Build (or substitute) the packages' derivations.
 
         With ``gc_roots`` set, the outputs are registered as temporary garbage
@@ -206,7 +206,7 @@ class Nix:
             shutil.rmtree(roots, ignore_errors=True)
 
     @inlineCallbacks
-    def closure(self, packages: Sequence[ResolvedPackage], image: ImageName) -> Any:
+    def closure(self, packages: Sequence[ResolvedPackage], image: ImageTarget) -> Any:
         """The runtime closure graph of the (realised) packages' outputs."""
         roots = list(dict.fromkeys(package.out_path for package in packages))
         argv = [

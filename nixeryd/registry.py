@@ -31,14 +31,13 @@ from nixeryd.errors import (
     TagInvalid,
     Unsupported,
 )
-from nixeryd.imagename import ImageName, parse_image_name
-from nixeryd.manifest import MANIFEST_MEDIA_TYPES, choose_form
+from nixeryd.imagename import ImageName, is_valid_tag, parse_image_name
+from nixeryd.manifest import MANIFEST_MEDIA_TYPES, OCI_INDEX, choose
 from nixeryd.sources import PackageSource
 from nixeryd.storage import Storage
 
 API_VERSION = b"registry/2.0"
 
-_TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
 # The spec's digest grammar; only sha256 is stored, other algorithms are simply unknown.
 _DIGEST = re.compile(r"^[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[a-zA-Z0-9=_-]+$")
 _SHA256 = re.compile(r"^sha256:[a-f0-9]{64}$")
@@ -88,6 +87,7 @@ class RegistryApp:
         return page.encode()
 
     @app.route("/v2/", methods=["GET", "HEAD"])
+    @app.route("/v2", methods=["GET", "HEAD"])
     def base(self, request: Request) -> bytes:
         return _json(request, {})
 
@@ -107,13 +107,15 @@ class RegistryApp:
 
     @inlineCallbacks
     def _manifest_by_tag(self, request: Request, image: ImageName, tag: str) -> Any:
-        if not _TAG.match(tag):
+        if not is_valid_tag(tag):
             raise TagInvalid(
                 f"{tag!r} is not a valid tag (letters, digits, '_', '.', '-'; at most 128)"
             )
-        built = yield self._builder.image(image, tag)
-        form = choose_form(request.requestHeaders.getRawHeaders(b"accept", []))
-        return built.manifests[form]
+        tagged = yield self._builder.tagged(image, tag)
+        accept = request.requestHeaders.getRawHeaders(b"accept", [])
+        # Caches between client and registry must key a tag's answer by Accept.
+        request.setHeader(b"Vary", b"Accept")
+        return tagged.answer(choose(accept, multi_platform=bool(tagged.indexes)))
 
     @inlineCallbacks
     def _manifest_by_digest(self, digest: str) -> Any:
@@ -139,6 +141,21 @@ class RegistryApp:
         if info is None:
             raise unknown
         return self._storage.blob_resource(info)
+
+    @app.route("/v2/<path:name>/referrers/<digest>", methods=["GET", "HEAD"])
+    def referrers(self, request: Request, name: str, digest: str) -> bytes:
+        """The OCI 1.1 referrers API: nixeryd's images have no signatures or attachments.
+
+        Answering with an empty index, rather than 404, spares clients that look
+        for signatures (cosign, oras, notation) their fallback to tag-schema
+        lookups (``sha256-<hex>`` tags), which would each look like an image build.
+        """
+        parse_image_name(name)
+        check_digest(digest)
+        body = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}).encode()
+        request.setHeader(b"Content-Type", OCI_INDEX.encode())
+        request.setHeader(b"Content-Length", str(len(body)).encode())
+        return body
 
     @app.route("/v2/<path:name>/tags/list", methods=["GET", "HEAD"])
     @inlineCallbacks
@@ -170,6 +187,9 @@ class RegistryApp:
 
     @app.handle_errors(NotFound)
     def not_found(self, request: Request, failure: Failure) -> bytes:
+        if request.method not in (b"GET", b"HEAD"):
+            # A push (POST .../blobs/uploads/, PATCH, PUT ...) or a delete.
+            return _pull_only(request)
         error = Unsupported(
             f"{request.path.decode('latin-1')!r} is not a registry endpoint nixeryd serves"
         )
@@ -178,12 +198,7 @@ class RegistryApp:
 
     @app.handle_errors(MethodNotAllowed)
     def method_not_allowed(self, request: Request, failure: Failure) -> bytes:
-        error = Unsupported(
-            "nixeryd builds images on demand from Nix packages: it serves pulls only "
-            f"({request.method.decode('latin-1')} is not supported)"
-        )
-        request.setResponseCode(405)
-        return _json(request, error.as_json())
+        return _pull_only(request)
 
     @app.handle_errors(Exception)
     def internal_error(self, request: Request, failure: Failure) -> bytes:
@@ -200,6 +215,15 @@ def _json(request: Request, document: Any) -> bytes:
     request.setHeader(b"Content-Type", b"application/json")
     request.setHeader(b"Content-Length", str(len(body)).encode())
     return body
+
+
+def _pull_only(request: Request) -> bytes:
+    error = Unsupported(
+        "nixeryd builds images on demand from Nix packages: it serves pulls only "
+        f"({request.method.decode('latin-1')} is not supported)"
+    )
+    request.setResponseCode(405)
+    return _json(request, error.as_json())
 
 
 def _arg(request: Request, name: bytes) -> str | None:
@@ -232,8 +256,10 @@ of packages it holds:</p>
 podman pull --tls-verify=false {host}/shell/hello
 skopeo copy --src-tls-verify=false docker://{host}/shell/hello oci:hello:latest</pre>
 <p><code>shell</code> at the front adds an interactive shell and core utilities;
-<code>arm64</code> at the front builds for aarch64-linux. Nested package attributes are
-written with dots (<code>tools.greeter</code>).</p>
+<code>arm64</code> at the front builds for linux/arm64 alone; without it, a client
+that takes a multi-platform index picks its platform from every configured one
+(<code>docker pull --platform linux/arm64</code>). Nested package attributes are written
+with dots (<code>tools.greeter</code>).</p>
 <h2>Recent build errors</h2><ul>{errors}</ul>
 </body></html>
 """

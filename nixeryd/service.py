@@ -20,7 +20,6 @@ from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.web.client import Agent
-from twisted.web.server import Site
 
 from nixeryd.builder import ImageBuilder
 from nixeryd.config import Config
@@ -30,6 +29,7 @@ from nixeryd.popularity import PopularityLoader, PopularitySource
 from nixeryd.process import ProcessRunner, ReactorProcessRunner
 from nixeryd.registry import RegistryApp
 from nixeryd.runtime import Runtime
+from nixeryd.site import RegistrySite
 
 log = Logger()
 
@@ -74,14 +74,17 @@ def make_registry(
         layering=layering,
         layering_name=config.layering_strategy,
         layer_budget=config.layer_budget,
+        platforms=config.platforms,
         popularity=PopularitySource(PopularityLoader(runtime.http), config.popularity_url),
         run_in_thread=run_in_thread,
         clock=reactor,
         on_built=plugins.image_built,
     )
     log.info(
-        "serving {source} source, {storage} storage, {layering} layering (budget {budget})",
+        "serving {source} source for {platforms}, {storage} storage, "
+        "{layering} layering (budget {budget})",
         source=config.package_source,
+        platforms=",".join(platform.name for platform in config.platforms),
         storage=config.storage_backend,
         layering=config.layering_strategy,
         budget=config.layer_budget,
@@ -92,8 +95,7 @@ def make_registry(
 def make_service(config: Config, reactor: Any, **overrides: Any) -> MultiService:
     """The daemon's service tree: one listening service per configured endpoint."""
     registry = make_registry(config, reactor, **overrides)
-    site = Site(registry.resource())
-    site.displayTracebacks = False
+    site = RegistrySite(registry.resource())
     root = MultiService()
     for endpoint in config.listen:
         endpoint_service(endpoint, site, reactor=reactor).setServiceParent(root)  # type: ignore[arg-type]

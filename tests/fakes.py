@@ -12,13 +12,15 @@ from nixeryd.process import ProcessResult, ProcessTimedOut
 
 @dataclass
 class Expect:
-    """One expected command: matched by its argv prefix, answered with canned output.
+    """One expected command: matched by its argv prefix (and, if given, a run of arguments
+    it must contain anywhere), answered with canned output.
 
     ``gate``, when given, holds the answer back until the test fires it, so a
     test can have many requests arrive while "Nix" is still running.
     """
 
     prefix: Sequence[str]
+    containing: Sequence[str] = ()
     stdout: bytes = b""
     stderr: Sequence[str] = ()
     exit_code: int = 0
@@ -43,7 +45,9 @@ class ExpectingProcessRunner:
         env: Mapping[str, str] | None = None,
     ) -> Deferred[ProcessResult]:
         for expect in self.expectations:
-            if list(argv[: len(expect.prefix)]) == list(expect.prefix):
+            if list(argv[: len(expect.prefix)]) == list(expect.prefix) and _contains(
+                argv, expect.containing
+            ):
                 expect.calls.append(argv)
                 return self._answer(expect, argv, on_stderr_line)
         self.unexpected.append(argv)
@@ -66,3 +70,10 @@ class ExpectingProcessRunner:
         gate: Deferred[None] = Deferred()
         expect.gate.addCallback(lambda _: gate.callback(None))
         return gate.addCallback(finish)
+
+
+def _contains(argv: Sequence[str], run: Sequence[str]) -> bool:
+    return any(
+        list(argv[start : start + len(run)]) == list(run)
+        for start in range(len(argv) - len(run) + 1)
+    )

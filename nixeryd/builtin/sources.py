@@ -18,6 +18,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 
 from nixeryd.errors import BuildFailed, ManifestUnknown
 from nixeryd.hookspecs import hookimpl
+from nixeryd.imagename import is_valid_tag
 from nixeryd.process import ProcessResult, ProcessRunner, ProcessTimedOut
 from nixeryd.runtime import Provider, Runtime
 from nixeryd.sources import PackageSource, SourceRef
@@ -124,7 +125,8 @@ class GitSource:
         names = {"latest"}
         for name in refs:
             for prefix in ("refs/heads/", "refs/tags/"):
-                if name.startswith(prefix):
+                # Refs that are no image tag (feature/x) cannot be pulled, so are not listed.
+                if name.startswith(prefix) and is_valid_tag(name[len(prefix) :]):
                     names.add(name[len(prefix) :])
         return sorted(names)
 

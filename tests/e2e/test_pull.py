@@ -206,7 +206,7 @@ def test_ten_concurrent_requests_run_one_nix_build(fresh_daemon: Daemon) -> None
     assert len(results) == 10
     assert {status for status, _ in results} == {200}
     assert len({digest for _, digest in results}) == 1
-    built = [line for line in fresh_daemon.log().splitlines() if " built amd64:" in line]
+    built = [line for line in fresh_daemon.log().splitlines() if " built linux/amd64:" in line]
     assert len(built) == 1, built
 
 

@@ -3,6 +3,7 @@ from pathlib import Path
 import pytest
 
 from nixeryd.config import ConfigError, default_package_set, load_config
+from nixeryd.platform import AMD64, ARM64, host_platform
 
 
 def test_nixery_variables_work_unchanged() -> None:
@@ -67,3 +68,14 @@ def test_plugin_tables_reach_plugins(tmp_path: Path) -> None:
     file.write_text('unknown_key = 1\n[plugin.mysite]\nbucket = "images"\n')
     config = load_config({}, {}, file)
     assert config.plugin_options == {"mysite": {"bucket": "images"}}
+
+
+def test_platforms_from_each_source(tmp_path: Path) -> None:
+    assert load_config({}, {}).platforms == (host_platform(),)
+    file = tmp_path / "nixeryd.toml"
+    file.write_text('platforms = ["linux/arm64", "linux/amd64"]\n')
+    assert load_config({}, {}, file).platforms == (ARM64, AMD64)
+    config = load_config({}, {"NIXERYD_PLATFORMS": "linux/amd64,linux/arm64"}, file)
+    assert config.platforms == (AMD64, ARM64)
+    with pytest.raises(ConfigError, match=r"--platforms \(platforms\) = 'linux/sparc'"):
+        load_config({"platforms": "linux/sparc"}, {})

@@ -1,7 +1,8 @@
 import pytest
 
 from nixeryd.errors import NameInvalid
-from nixeryd.imagename import SHELL_PACKAGES, parse_image_name
+from nixeryd.imagename import SHELL_PACKAGES, ImageTarget, parse_image_name
+from nixeryd.platform import AMD64, ARM64
 
 
 def test_packages_are_sorted_so_order_does_not_matter() -> None:
@@ -12,8 +13,7 @@ def test_packages_are_sorted_so_order_does_not_matter() -> None:
 def test_shell_meta_package_expands_at_the_front() -> None:
     image = parse_image_name("shell/git")
     assert set(image.packages) == {"git", *SHELL_PACKAGES}
-    assert image.architecture == "amd64"
-    assert image.system == "x86_64-linux"
+    assert image.platform is None
 
 
 def test_meta_packages_only_count_at_the_front() -> None:
@@ -23,15 +23,23 @@ def test_meta_packages_only_count_at_the_front() -> None:
 
 def test_arm64_selects_the_aarch64_system() -> None:
     image = parse_image_name("arm64/shell/hello")
-    assert image.architecture == "arm64"
-    assert image.system == "aarch64-linux"
+    assert image.platform == ARM64
     assert "hello" in image.packages
-    assert parse_image_name("shell/arm64/hello").architecture == "arm64"
+    assert parse_image_name("shell/arm64/hello").platform == ARM64
+    [target] = image.targets([AMD64])
+    assert target.system == "aarch64-linux"
+
+
+def test_a_name_without_platform_targets_every_configured_platform() -> None:
+    image = parse_image_name("shell/hello")
+    targets = image.targets([AMD64, ARM64])
+    assert [target.system for target in targets] == ["x86_64-linux", "aarch64-linux"]
+    assert all(target.packages == image.packages for target in targets)
 
 
 def test_shell_alone_is_an_image() -> None:
     assert parse_image_name("shell").packages == tuple(sorted(SHELL_PACKAGES))
-    assert parse_image_name("arm64/shell").architecture == "arm64"
+    assert parse_image_name("arm64/shell").platform == ARM64
 
 
 def test_nested_attribute_paths_are_single_components() -> None:
@@ -44,13 +52,17 @@ def test_duplicates_collapse() -> None:
 
 
 def test_implicit_packages_are_optional_and_not_repeated() -> None:
-    assert parse_image_name("hello").optional_packages == ("cacert", "iana-etc")
-    assert parse_image_name("cacert/hello").optional_packages == ("iana-etc",)
+    assert ImageTarget(("hello",), AMD64).optional_packages == ("cacert", "iana-etc")
+    assert ImageTarget(("cacert", "hello"), AMD64).optional_packages == ("iana-etc",)
+
+
+def _canonical(name: str) -> str:
+    return parse_image_name(name).targets([AMD64])[0].canonical
 
 
 def test_canonical_form_is_equal_for_equal_images() -> None:
-    assert parse_image_name("b/a").canonical == parse_image_name("a/b").canonical
-    assert parse_image_name("arm64/a").canonical != parse_image_name("a").canonical
+    assert _canonical("b/a") == _canonical("a/b") == "linux/amd64:a/b"
+    assert _canonical("arm64/a") != _canonical("a")
 
 
 @pytest.mark.parametrize(

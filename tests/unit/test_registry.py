@@ -5,98 +5,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
-from pathlib import Path
-from typing import Any
 
 import pytest
-from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.internet.task import Clock
+from twisted.internet.defer import Deferred
 
-from nixeryd.config import Config
-from nixeryd.manifest import DOCKER_MANIFEST, OCI_MANIFEST
-from nixeryd.plugins import Plugins, make_plugin_manager
-from nixeryd.service import make_registry
-from tests.fakes import Expect, ExpectingProcessRunner
-from tests.memoryhttp import MemoryHTTP
-
-HASH = "0123456789abcdfghijklmnpqrsvwxyz"
-
-
-class FakeNix:
-    """A store of real files in a temp dir and the Nix answers that describe it."""
-
-    def __init__(self, root: Path) -> None:
-        self.store = root / "store"
-        self.hello = self._package("a", "hello-2.12", {"bin/hello": b"#!/bin/sh\necho hi\n"})
-        self.lib = self._package("b", "libgreet-1.0", {"share/greeting": b"hello"})
-        self.cacert = self._package("c", "nss-cacert-3.9", {"etc/ssl/certs/ca-bundle.crt": b"x"})
-
-    def _package(self, letter: str, name: str, files: dict[str, bytes]) -> str:
-        path = self.store / f"{letter * 32}-{name}"
-        for relative, data in files.items():
-            (path / relative).parent.mkdir(parents=True, exist_ok=True)
-            (path / relative).write_bytes(data)
-        return str(path)
-
-    def evaluation(self, missing: list[str] | None = None, **extra: Any) -> Expect:
-        packages = [
-            {"name": name, "attrPath": name, "drvPath": f"/{name}.drv", "outputPath": path}
-            for name, path in (("hello", self.hello), ("cacert", self.cacert))
-        ]
-        report = {"missing": missing or [], "packages": [] if missing else packages}
-        return Expect(["nix-instantiate"], stdout=json.dumps(report).encode(), **extra)
-
-    def path_info(self) -> Expect:
-        report = [
-            {"path": self.hello, "narSize": 1000, "references": [self.hello, self.lib]},
-            {"path": self.lib, "narSize": 500, "references": []},
-            {"path": self.cacert, "narSize": 200, "references": []},
-        ]
-        return Expect(["nix", "--extra-experimental-features"], stdout=json.dumps(report).encode())
-
-
-class Harness(MemoryHTTP):
-    """The registry built by the composition root, with fake Nix and real everything else."""
-
-    def __init__(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *expect: Expect) -> None:
-        self.processes = ExpectingProcessRunner(*expect)
-        config = Config(pkgs_path=str(tmp_path), storage_path=str(tmp_path / "storage"))
-        registry = make_registry(
-            config,
-            Clock(),
-            plugins=Plugins(make_plugin_manager(load_entrypoints=False)),
-            http=object(),
-            processes=self.processes,
-            run_in_thread=maybeDeferred,
-        )
-        super().__init__(registry.resource(), monkeypatch)
-
-    def get(self, path: str, **kwargs: Any) -> tuple[Any, bytes]:
-        return self.request("GET", "http://registry" + path, **kwargs)
-
-
-RegistryFactory = Callable[..., Harness]
-
-
-@pytest.fixture
-def registry_with(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> RegistryFactory:
-    """Makes a registry whose Nix answers the given expectations."""
-    return lambda *expect: Harness(tmp_path, monkeypatch, *expect)
-
-
-@pytest.fixture
-def nix(tmp_path: Path) -> FakeNix:
-    return FakeNix(tmp_path)
-
-
-def building(nix: FakeNix, **extra: Any) -> list[Expect]:
-    return [nix.evaluation(**extra), Expect(["nix-store", "--realise"]), nix.path_info()]
-
-
-def header(response: Any, name: str) -> str | None:
-    values = response.headers.getRawHeaders(name.encode())
-    return values[0].decode() if values else None
+from nixeryd.manifest import (
+    DOCKER_MANIFEST,
+    DOCKER_MANIFEST_LIST,
+    OCI_INDEX,
+    OCI_MANIFEST,
+)
+from nixeryd.platform import AMD64, ARM64
+from tests.fakes import Expect
+from tests.registryharness import FakeNix, RegistryFactory, building, header
 
 
 def test_base_endpoint_has_api_version(registry_with: RegistryFactory) -> None:
@@ -275,3 +196,100 @@ def test_tags_list_paginates(registry_with: RegistryFactory) -> None:
 def test_get_with_a_body_is_answered(registry_with: RegistryFactory) -> None:
     response, _ = registry_with().get("/v2/", data=b"x" * 10000)
     assert response.code == 200
+
+
+DOCKER_ENGINE_ACCEPT = [DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_MANIFEST, OCI_INDEX]
+
+
+def test_several_platforms_are_served_as_an_index(
+    registry_with: RegistryFactory, nix: FakeNix
+) -> None:
+    expectations = building(nix)
+    registry = registry_with(*expectations, platforms=(AMD64, ARM64))
+    response, body = registry.get(
+        "/v2/hello/manifests/latest", headers={"Accept": DOCKER_ENGINE_ACCEPT}
+    )
+    assert response.code == 200, body
+    assert header(response, "Content-Type") == DOCKER_MANIFEST_LIST
+    assert header(response, "Vary") == "Accept"
+    index = json.loads(body)
+    assert [entry["platform"] for entry in index["manifests"]] == [
+        {"architecture": "amd64", "os": "linux"},
+        {"architecture": "arm64", "os": "linux", "variant": "v8"},
+    ]
+    evaluate = expectations[0]
+    assert [argv[argv.index("system") + 1] for argv in evaluate.calls] == [
+        "x86_64-linux",
+        "aarch64-linux",
+    ]
+    for entry in index["manifests"]:
+        child, data = registry.get(f"/v2/hello/manifests/{entry['digest']}")
+        assert header(child, "Content-Type") == entry["mediaType"] == DOCKER_MANIFEST
+        assert len(data) == entry["size"]
+        config_digest = json.loads(data)["config"]["digest"]
+        config = json.loads(registry.get(f"/v2/hello/blobs/{config_digest}")[1])
+        assert {"architecture": config["architecture"], "os": config["os"]}.items() <= entry[
+            "platform"
+        ].items()
+    by_digest, same = registry.get(
+        f"/v2/hello/manifests/{header(response, 'Docker-Content-Digest')}"
+    )
+    assert (header(by_digest, "Content-Type"), same) == (DOCKER_MANIFEST_LIST, body)
+
+    oci, oci_body = registry.get("/v2/hello/manifests/latest", headers={"Accept": [OCI_INDEX]})
+    assert header(oci, "Content-Type") == OCI_INDEX
+    assert {entry["mediaType"] for entry in json.loads(oci_body)["manifests"]} == {OCI_MANIFEST}
+
+    # A client that takes no index gets the first platform's image.
+    plain, _ = registry.get("/v2/hello/manifests/latest")
+    assert header(plain, "Content-Type") == DOCKER_MANIFEST
+    assert header(plain, "Docker-Content-Digest") == index["manifests"][0]["digest"]
+
+
+def test_the_arm64_prefix_picks_one_platform(registry_with: RegistryFactory, nix: FakeNix) -> None:
+    expectations = building(nix)
+    registry = registry_with(*expectations)
+    response, body = registry.get(
+        "/v2/arm64/hello/manifests/latest", headers={"Accept": DOCKER_ENGINE_ACCEPT}
+    )
+    assert header(response, "Content-Type") == DOCKER_MANIFEST
+    config_digest = json.loads(body)["config"]["digest"]
+    config = json.loads(registry.get(f"/v2/arm64/hello/blobs/{config_digest}")[1])
+    assert (config["architecture"], config["variant"]) == ("arm64", "v8")
+    assert "aarch64-linux" in expectations[0].calls[0]
+
+
+def test_a_platform_that_cannot_be_built_is_left_out_for_a_while(
+    registry_with: RegistryFactory, nix: FakeNix
+) -> None:
+    no_builder = Expect(
+        ["nix-instantiate"],
+        containing=["system", "aarch64-linux"],
+        exit_code=1,
+        stderr=["error: a 'aarch64-linux' with features {} is required to build '/x.drv'"],
+    )
+    expectations = [no_builder, *building(nix)]
+    registry = registry_with(*expectations, platforms=(AMD64, ARM64))
+    accept = {"Accept": DOCKER_ENGINE_ACCEPT}
+    response, body = registry.get("/v2/hello/manifests/latest", headers=accept)
+    assert response.code == 200, body
+    assert [entry["platform"]["architecture"] for entry in json.loads(body)["manifests"]] == [
+        "amd64"
+    ]
+    _, page = registry.get("/")
+    assert b"aarch64-linux" in page  # the index page says why
+
+    registry.get("/v2/hello/manifests/latest", headers=accept)
+    assert len(no_builder.calls) == 1  # not retried on every pull
+    registry.daemon_clock.advance(301)
+    registry.get("/v2/hello/manifests/latest", headers=accept)
+    assert len(no_builder.calls) == 2
+
+
+def test_when_no_platform_builds_the_first_error_is_answered(
+    registry_with: RegistryFactory, nix: FakeNix
+) -> None:
+    registry = registry_with(nix.evaluation(missing=["nope"]), platforms=(AMD64, ARM64))
+    response, body = registry.get("/v2/nope/manifests/latest")
+    assert response.code == 404
+    assert "nope" in json.loads(body)["errors"][0]["message"]

@@ -16,6 +16,8 @@ LS_REMOTE = (
     f"{'3' * 40}\trefs/tags/v1\n"
     f"{'4' * 40}\trefs/tags/v1^{{}}\n"
     f"{'5' * 40}\trefs/tags/light\n"
+    f"{'6' * 40}\trefs/heads/feature/x\n"
+    f"{'7' * 40}\trefs/pull/1/head\n"
 ).encode()
 
 
@@ -53,7 +55,7 @@ def test_git_unknown_tags_and_failures_are_registry_errors() -> None:
         result(git(b"", 128).resolve("main"))
 
 
-def test_git_tags_list_branches_and_tags() -> None:
+def test_git_tags_list_branches_and_tags_that_are_image_tags() -> None:
     assert result(git().tags()) == ["latest", "light", "main", "stable", "v1"]
 
 

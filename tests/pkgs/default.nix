@@ -27,8 +27,11 @@
 #   big                   share/big/data.bin: 2 MiB of incompressible, deterministic
 #                         bytes (awk's seeded rand()); nothing depends on it
 #   notAPackage           { foo = 1; }: not a derivation, so "missing"
+#   nativeOnly            the one derivation built for the requested `system`: only the
+#                         host's system has a builder, so an index over several platforms
+#                         must leave the others out; bin/native-only
 #
-# Every derivation builds for builtins.currentSystem (`system` is accepted and ignored:
+# Every other derivation builds for builtins.currentSystem (`system` is otherwise ignored:
 # the busybox is the host's).
 { system ? builtins.currentSystem
 , busyboxPath ? /usr/bin/busybox
@@ -182,4 +185,10 @@ in
   };
 
   notAPackage = { foo = 1; };
+
+  nativeOnly = derivation ((mkPackage {
+    name = "native-only";
+    version = "1.0";
+    bins.native-only = ''echo "built for ${system}"'';
+  }).drvAttrs // { inherit system; });
 }

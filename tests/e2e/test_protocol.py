@@ -1,0 +1,64 @@
+"""The protocol on real sockets: what only a real connection shows.
+
+Request bodies must be drained so that the next request on a keep-alive
+connection is read from the right place; a TLS handshake on the plain HTTP
+port is turned away at once so that clients fall back to HTTP without
+waiting out a timeout.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import ssl
+import time
+
+import pytest
+
+from tests.e2e.conftest import Daemon
+
+pytestmark = pytest.mark.e2e
+
+
+def exchange(daemon: Daemon, raw: bytes, responses: int) -> list[bytes]:
+    """Send ``raw`` on one connection; the status lines of the first ``responses`` answers."""
+    with socket.create_connection(("127.0.0.1", daemon.port), timeout=30) as connection:
+        connection.sendall(raw)
+        received = b""
+        while received.count(b"HTTP/1.1 ") < responses or not received.endswith(b"}"):
+            chunk = connection.recv(65536)
+            if not chunk:
+                break
+            received += chunk
+    return re.findall(rb"HTTP/1\.1 \d{3} [^\r]*", received)
+
+
+def test_a_get_with_a_body_keeps_the_connection_in_step(daemon: Daemon) -> None:
+    body = b"x" * 100_000
+    raw = (
+        b"GET /v2/ HTTP/1.1\r\nHost: r\r\nContent-Length: %d\r\n\r\n%s"
+        b"GET /v2/nope/blobs/sha256:%s HTTP/1.1\r\nHost: r\r\n\r\n"
+    ) % (len(body), body, b"0" * 64)
+    assert exchange(daemon, raw, 2) == [b"HTTP/1.1 200 OK", b"HTTP/1.1 404 Not Found"]
+
+
+def test_a_chunked_body_keeps_the_connection_in_step(daemon: Daemon) -> None:
+    raw = (
+        b"GET /v2/ HTTP/1.1\r\nHost: r\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"5\r\nhello\r\n0\r\n\r\n"
+        b"GET /v2/Bad/manifests/latest HTTP/1.1\r\nHost: r\r\n\r\n"
+    )
+    assert exchange(daemon, raw, 2) == [b"HTTP/1.1 200 OK", b"HTTP/1.1 400 Bad Request"]
+
+
+def test_a_tls_handshake_is_refused_at_once(daemon: Daemon) -> None:
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    started = time.monotonic()
+    with (
+        socket.create_connection(("127.0.0.1", daemon.port), timeout=30) as connection,
+        pytest.raises(ssl.SSLError),
+    ):
+        context.wrap_socket(connection, server_hostname="127.0.0.1")
+    assert time.monotonic() - started < 5  # clients time out after 10 s

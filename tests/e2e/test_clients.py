@@ -29,7 +29,7 @@ import pytest
 
 from nixeryd.manifest import DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_INDEX, OCI_MANIFEST
 from tests.e2e.conftest import Daemon, require
-from tests.e2e.test_pull import in_chroot
+from tests.e2e.test_pull import fetch, in_chroot
 
 pytestmark = [pytest.mark.e2e, pytest.mark.clients]
 
@@ -60,12 +60,12 @@ def platform_digests(registry: Daemon, name: str = IMAGE) -> dict[str, str]:
     return {entry["platform"]["architecture"]: entry["digest"] for entry in index["manifests"]}
 
 
-def tag_digest(registry: Daemon, name: str) -> str:
-    """The digest a Docker engine sees for ``name:latest``."""
+def tag_digest(
+    registry: Daemon, name: str, accept: str = f"{DOCKER_MANIFEST}, {DOCKER_MANIFEST_LIST}"
+) -> str:
+    """The digest a client sees for ``name:latest`` (by default, a Docker engine)."""
     request = urllib.request.Request(
-        f"{registry.url}/v2/{name}/manifests/latest",
-        headers={"Accept": f"{DOCKER_MANIFEST}, {DOCKER_MANIFEST_LIST}"},
-        method="HEAD",
+        f"{registry.url}/v2/{name}/manifests/latest", headers={"Accept": accept}, method="HEAD"
     )
     with urllib.request.urlopen(request, timeout=120) as response:
         return str(response.headers["Docker-Content-Digest"])
@@ -356,3 +356,24 @@ def test_a_platform_nix_cannot_build_is_left_out_and_logged(registry: Daemon) ->
     log = registry.log()
     assert "linux/arm64/v8:nativeonly:latest: left out of the index" in log
     assert "a 'aarch64-linux' with features {} is required to build" in log
+
+
+def test_every_digest_seen_by_tag_survives_a_restart(tmp_path: Path) -> None:
+    workdir = tmp_path / "restart"
+    first = Daemon(workdir, NIXERYD_PLATFORMS="linux/amd64,linux/arm64")
+    try:
+        digests = {
+            accept: tag_digest(first, IMAGE, accept)
+            for accept in (DOCKER_MANIFEST_LIST, OCI_INDEX, DOCKER_MANIFEST, OCI_MANIFEST)
+        }
+        digests.update(platform_digests(first))
+    finally:
+        first.stop()
+    second = Daemon(workdir, NIXERYD_PLATFORMS="linux/amd64,linux/arm64")
+    try:
+        for seen, digest in digests.items():
+            status, _, body = fetch(second, f"/v2/{IMAGE}/manifests/{digest}")
+            assert status == 200, (seen, body)
+        assert " built " not in second.log()  # served from storage, not rebuilt
+    finally:
+        second.stop()

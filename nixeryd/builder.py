@@ -156,7 +156,8 @@ class ImageBuilder:
         self._layers: SingleFlight[LayerDescriptor] = SingleFlight()
         self._local: OrderedDict[str, BuiltImage] = OrderedDict()
         self._indexes: OrderedDict[tuple[str, ...], Mapping[str, StoredManifest]] = OrderedDict()
-        self._unbuildable: dict[tuple[str, str], float] = {}
+        #: (platform image, tag) -> until when it is left out of its index; oldest first.
+        self._unbuildable: OrderedDict[tuple[str, str], float] = OrderedDict()
         self.recent_errors: deque[BuildError] = deque(maxlen=20)
 
     @inlineCallbacks
@@ -177,9 +178,15 @@ class ImageBuilder:
             consumeErrors=True,
         ).addErrback(_first_error)
         images = [result for result in results if isinstance(result, BuiltImage)]
+        if not images:
+            raise next(result for result in results if isinstance(result, RegistryError))
         for target, result in zip(tried, results, strict=True):
+            key = (target.canonical, tag)
+            self._unbuildable.pop(key, None)
             if isinstance(result, RegistryError):
-                self._unbuildable[(target.canonical, tag)] = now + PLATFORM_RETRY_SECONDS
+                self._unbuildable[key] = now + PLATFORM_RETRY_SECONDS
+                while len(self._unbuildable) > LOCAL_MANIFEST_CACHE_SIZE:
+                    self._unbuildable.popitem(last=False)
                 self.log.warn(
                     "{image}:{tag}: left out of the index for {seconds:g} s: {reason}",
                     image=target.canonical,
@@ -187,10 +194,6 @@ class ImageBuilder:
                     seconds=PLATFORM_RETRY_SECONDS,
                     reason=result.message,
                 )
-            else:
-                self._unbuildable.pop((target.canonical, tag), None)
-        if not images:
-            raise next(result for result in results if isinstance(result, RegistryError))
         indexes = yield self._indexes_of(images)
         return TaggedImage(images, indexes)
 

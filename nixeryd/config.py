@@ -40,7 +40,7 @@ class Config:
     storage_path: str = "nixeryd-storage"
     nix_timeout: float = 60.0
     popularity_url: str | None = None
-    layering_strategy: str = "popularity"
+    layering_strategy: str = "stable"
     layer_budget: int = DEFAULT_LAYER_BUDGET
     #: Platforms every image is built for (an index lists them); the first is the default.
     platforms: tuple[Platform, ...] = field(default_factory=lambda: (host_platform(),))

@@ -22,10 +22,10 @@ T = TypeVar("T")
 
 def builtin_plugins() -> tuple[object, ...]:
     """The plugins nixeryd ships: filesystem storage, path, git and channel sources,
-    popularity layering."""
-    from nixeryd.builtin import filesystem, layering, sources
+    stable and popularity (Nixery's) layering."""
+    from nixeryd.builtin import filesystem, layering, sources, stable_layering
 
-    return (filesystem, sources, layering)
+    return (filesystem, sources, stable_layering, layering)
 
 
 def make_plugin_manager(

@@ -1,0 +1,3 @@
+from benchmarks.layeringbench.run import main
+
+main()

@@ -1,4 +1,5 @@
-"""The ``nixeryd`` command: ``nixeryd serve`` runs the daemon.
+"""The ``nixeryd`` command: ``nixeryd serve`` runs the daemon; ``nixeryd popcount``
+computes popularity data for it (see :mod:`nixeryd.popcount`).
 
 Options come from :data:`nixeryd.config.OPTIONS`, so every option is a flag,
 an environment variable (Nixery's names) and a config-file key alike.
@@ -36,9 +37,51 @@ class ServeOptions(usage.Options):
         self["listen"].append(endpoint)
 
 
+class PopcountOptions(usage.Options):
+    """``nixeryd popcount``: write popularity data in Nixery's format."""
+
+    synopsis = (
+        "nixeryd popcount (--pkgs-path PATH [--attr NAME]... [--build] | --cache URL "
+        "[--paths FILE]) [-o FILE]"
+    )
+    optParameters: ClassVar[list[list[Any]]] = [
+        ["pkgs-path", None, None, "count a package set: a directory or .nix file"],
+        ["cache", None, None, "count a binary cache: http(s):// or file:// URL"],
+        ["paths", None, None, "store paths to crawl the cache from, one a line (.xz too); "
+         "needed for HTTP caches (default for file://: every narinfo)"],
+        ["output", "o", None, "write the JSON here (default: stdout)"],
+        ["system", None, None, "Nix system to evaluate the package set for"],
+        ["concurrency", None, 16, "narinfos fetched at once", int],
+        ["retries", None, 3, "retries of a failed narinfo fetch", int],
+        ["timeout", None, 3600.0, "seconds each Nix invocation may run", float],
+        ["nix-bin-dir", None, None, "directory of the Nix commands (default: from PATH)"],
+    ]  # fmt: skip
+    optFlags: ClassVar[list[list[Any]]] = [
+        ["build", None, "build package set outputs that are not in the store (default: skip)"],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["attr"] = []
+
+    def opt_attr(self, name: str) -> None:
+        """Count only this attribute path of the package set (repeatable; default: every
+        top-level derivation and those of sets marked recurseForDerivations)"""
+        self["attr"].append(name)
+
+    def postOptions(self) -> None:
+        if bool(self["pkgs-path"]) == bool(self["cache"]):
+            raise usage.UsageError("give exactly one of --pkgs-path and --cache")
+        if self["concurrency"] < 1 or self["retries"] < 0:
+            raise usage.UsageError("--concurrency must be at least 1, --retries at least 0")
+
+
 class Options(usage.Options):
     synopsis = "nixeryd <command> [options]"
-    subCommands: ClassVar[list[list[Any]]] = [["serve", None, ServeOptions, "Run the registry"]]
+    subCommands: ClassVar[list[list[Any]]] = [
+        ["serve", None, ServeOptions, "Run the registry"],
+        ["popcount", None, PopcountOptions, "Compute popularity data (NIX_POPULARITY_URL)"],
+    ]
 
     def opt_version(self) -> None:
         """Print the version and exit"""
@@ -47,7 +90,7 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         if self.subCommand is None:
-            raise usage.UsageError("name a command: serve")
+            raise usage.UsageError("name a command: serve, popcount")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -57,7 +100,10 @@ def main(argv: list[str] | None = None) -> None:
     except usage.UsageError as error:
         print(f"{options}\nnixeryd: {error}", file=sys.stderr)
         sys.exit(2)
-    serve(options.subOptions)
+    if options.subCommand == "popcount":
+        popcount(options.subOptions)
+    else:
+        serve(options.subOptions)
 
 
 def serve(options: Any) -> None:
@@ -79,3 +125,78 @@ def serve(options: Any) -> None:
     service.startService()
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)  # type: ignore[arg-type]
     reactor.run()  # type: ignore[misc]
+
+
+def popcount(options: Any) -> None:
+    """Count, write the JSON, and exit non-zero with a message if counting failed."""
+    from twisted.internet import task
+
+    from nixeryd.logs import start_logging
+
+    start_logging("text", stream=sys.stderr)
+    task.react(lambda reactor: _popcount(reactor, options))
+
+
+def _popcount(reactor: Any, options: Any) -> Any:
+    from treq.client import HTTPClient
+    from twisted.web.client import Agent
+
+    from nixeryd.popcount import (
+        BinaryCache,
+        PackageSetCounter,
+        count_references,
+        default_progress,
+        read_store_paths,
+        store_hash,
+        write_popularity,
+    )
+    from nixeryd.process import ReactorProcessRunner
+
+    if options["pkgs-path"]:
+        counter = PackageSetCounter(
+            ReactorProcessRunner(reactor),
+            timeout=options["timeout"],
+            bin_dir=options["nix-bin-dir"],
+        )
+        counted = counter.references(
+            Path(options["pkgs-path"]),
+            options["attr"],
+            build=bool(options["build"]),
+            system=options["system"],
+        )
+    else:
+        cache = BinaryCache(
+            options["cache"],
+            http=HTTPClient(Agent(reactor)),  # type: ignore[arg-type]
+            clock=reactor,
+            concurrency=options["concurrency"],
+            retries=options["retries"],
+        )
+        try:
+            start = (
+                [store_hash(path) for path in read_store_paths(Path(options["paths"]))]
+                if options["paths"]
+                else cache.listing()
+            )
+        except (OSError, ValueError) as error:
+            print(f"nixeryd popcount: {error}", file=sys.stderr)
+            sys.exit(1)
+        counted = cache.references(start, default_progress())
+
+    def write(references: Any) -> None:
+        counts = count_references(references)
+        if options["output"]:
+            with open(options["output"], "w") as out:
+                write_popularity(counts, out)
+        else:
+            write_popularity(counts, sys.stdout)
+        print(
+            f"nixeryd popcount: {len(counts)} names referenced among {len(references)} store paths",
+            file=sys.stderr,
+        )
+
+    def fail(failure: Any) -> None:
+        print(f"nixeryd popcount: {failure.getErrorMessage()}", file=sys.stderr)
+        raise SystemExit(1)
+
+    return counted.addCallbacks(write, fail)

@@ -15,10 +15,10 @@ from twisted.logger import (
 )
 
 
-def start_logging(log_format: str) -> None:
-    observer = (
-        jsonFileLogObserver(sys.stdout) if log_format == "json" else textFileLogObserver(sys.stdout)
-    )
+def start_logging(log_format: str, stream: Any = None) -> None:
+    """Log to ``stream`` (default stdout) from now on."""
+    stream = stream or sys.stdout
+    observer = jsonFileLogObserver(stream) if log_format == "json" else textFileLogObserver(stream)
     # Twisted's zope interfaces are not visible to mypy: the observers provide them.
     filtered: Any = FilteringLogObserver(
         cast(Any, observer), [cast(Any, LogLevelFilterPredicate(defaultLogLevel=LogLevel.info))]

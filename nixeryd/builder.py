@@ -39,6 +39,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from nixeryd.closure import ClosureGraph
+from nixeryd.compression import Compression
 from nixeryd.errors import BuildFailed, RegistryError
 from nixeryd.forest import symlink_forest
 from nixeryd.imagename import ImageName, ImageTarget
@@ -61,7 +62,12 @@ from nixeryd.popularity import Popularity, PopularitySource
 from nixeryd.singleflight import SingleFlight
 from nixeryd.sources import PackageSource, SourceRef
 from nixeryd.storage import Storage
-from nixeryd.tarball import LayerDigests, write_store_layer, write_tree_layer
+from nixeryd.tarball import (
+    DEFAULT_COMPRESSION,
+    LayerDigests,
+    write_store_layer,
+    write_tree_layer,
+)
 
 #: Part of every cache key: bump it when the same inputs would give different bytes.
 FORMAT_VERSION = "nixeryd-1"
@@ -138,7 +144,7 @@ class ImageBuilder:
         run_in_thread: Callable[[Callable[[], Any]], Deferred[Any]],
         clock: Any,
         on_built: Callable[[str, str, str, float], None] = lambda *_: None,
-        compresslevel: int = 6,
+        compression: Compression = DEFAULT_COMPRESSION,
     ) -> None:
         self._nix = nix
         self._source = source
@@ -151,7 +157,7 @@ class ImageBuilder:
         self._run_in_thread = run_in_thread
         self._clock = clock
         self._on_built = on_built
-        self._compresslevel = compresslevel
+        self._compression = compression
         self._images: SingleFlight[BuiltImage] = SingleFlight()
         self._layers: SingleFlight[LayerDescriptor] = SingleFlight()
         self._local: OrderedDict[str, BuiltImage] = OrderedDict()
@@ -337,7 +343,7 @@ class ImageBuilder:
         paths = layer.paths
         return self._layer(
             layer.key,
-            lambda out: write_store_layer(paths, out, compresslevel=self._compresslevel),
+            lambda out: write_store_layer(paths, out, compression=self._compression),
         )
 
     def _forest_layer(self, roots: Sequence[str]) -> Deferred[LayerDescriptor]:
@@ -345,7 +351,7 @@ class ImageBuilder:
 
         def write(out: IO[bytes]) -> LayerDigests:
             entries = symlink_forest(roots)
-            return write_tree_layer(entries, out, compresslevel=self._compresslevel)
+            return write_tree_layer(entries, out, compression=self._compression)
 
         return self._layer(key, write)
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from twisted.logger import Logger
 
+from nixeryd.compression import COMPRESSORS, Compression, default_compressor
 from nixeryd.layering import DEFAULT_LAYER_BUDGET
 from nixeryd.platform import Platform, host_platform, parse_platforms
 
@@ -46,8 +47,20 @@ class Config:
     platforms: tuple[Platform, ...] = field(default_factory=lambda: (host_platform(),))
     nix_bin_dir: str | None = None
     log_format: str = "text"
+    layer_compressor: str = field(default_factory=default_compressor)
+    #: None: the compressor's default level.
+    layer_compression_level: int | None = None
+    #: Layers written at once; 0: one per core.
+    layer_workers: int = 0
     #: ``[plugin.<name>]`` tables of the config file, for site plugins' own settings.
     plugin_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    @property
+    def compression(self) -> Compression:
+        """The layer compressor at the configured level (checked by :func:`load_config`)."""
+        default = COMPRESSORS[self.layer_compressor].default
+        level = default if self.layer_compression_level is None else self.layer_compression_level
+        return Compression(self.layer_compressor, level)
 
 
 @dataclass(frozen=True)
@@ -71,6 +84,13 @@ def _budget(text: str) -> int:
     value = int(text)
     if not 1 <= value <= 125:
         raise ValueError("must be between 1 and 125 (Docker's layer limit)")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError("must be 0 or more")
     return value
 
 
@@ -120,6 +140,25 @@ OPTIONS: tuple[Option, ...] = (
         ("NIXERYD_NIX_BIN_DIR",),
     ),
     Option("log_format", "text or json", ("NIXERYD_LOG_FORMAT",), _one_of("text", "json")),
+    Option(
+        "layer_compressor",
+        "layer compressor: isal (gzip, fast; the default where installed), zlib (gzip)"
+        " or zstd (OCI tar+zstd layers, served in OCI manifests only)",
+        ("NIXERYD_LAYER_COMPRESSOR",),
+        _one_of(*COMPRESSORS),
+    ),
+    Option(
+        "layer_compression_level",
+        "compression level: isal 0-3 (default 2), zlib 0-9 (6), zstd 1-19 (3)",
+        ("NIXERYD_LAYER_COMPRESSION_LEVEL",),
+        int,
+    ),
+    Option(
+        "layer_workers",
+        "layers compressed at once, each on its own thread; 0 (the default): one per core",
+        ("NIXERYD_LAYER_WORKERS",),
+        _non_negative_int,
+    ),
 )
 
 _PACKAGE_SET_KEYS = {"pkgs_path": "path", "pkgs_repo": "git", "channel": "channel"}
@@ -167,7 +206,9 @@ def load_config(
         origins["listen"] = "--listen"
 
     _choose_package_source(values, origins)
-    return Config(**values)
+    config = Config(**values)
+    _check_compression(config, origins)
+    return config
 
 
 def _flag(name: str) -> str:
@@ -211,6 +252,19 @@ def _read_file(path: Path, values: dict[str, Any], origins: dict[str, str]) -> N
             log.warn("{origin}: unknown configuration key, ignored", origin=origin)
             continue
         origins[key] = origin
+
+
+def _check_compression(config: Config, origins: Mapping[str, str]) -> None:
+    """The level must suit the compressor, and the compressor must be installed."""
+    try:
+        config.compression  # noqa: B018 - validates
+    except ValueError as error:
+        named = [
+            f"{key} (from {origins[key]})"
+            for key in ("layer_compressor", "layer_compression_level")
+            if key in origins
+        ]
+        raise ConfigError(f"{', '.join(named) or 'layer compression'}: {error}") from error
 
 
 def _choose_package_source(values: dict[str, Any], origins: dict[str, str]) -> None:

@@ -1,4 +1,4 @@
-"""Reproducible layer blobs: gzipped tarballs of store paths or of synthesised trees.
+"""Reproducible layer blobs: compressed tarballs of store paths or of synthesised trees.
 
 A layer's digest is its cache key and the address clients pull it by, so the
 same input must give the same bytes every time and on every machine: nothing
@@ -7,17 +7,21 @@ header's time and file name) may reach the blob. Concretely, every member has
 mtime 1 (what Nix gives every store file), uid/gid 0 and empty user and group
 names; members are in :func:`member_order`; the tar is PAX, with extended
 headers only where a name or link target does not fit ustar (longer than 100
-characters or not ASCII); the gzip header has mtime 0, no file name and OS byte
+characters or not ASCII); a gzip header has mtime 0, no file name and OS byte
 255 ("unknown").
 
 The bytes also depend on CPython's :mod:`tarfile` header encoding and on the
-zlib build that deflates them: the same daemon build gives the same blob, but
-a different zlib (zlib-ng, say) may compress the same tar differently. The
-``diff_id`` depends only on the tar stream.
+compressor (:mod:`nixeryd.compression`) and its library's version: the same
+daemon build gives the same blob, but another ISA-L, zlib or zstd release may
+compress the same tar differently. The ``diff_id`` depends only on the tar
+stream.
 
 Writing is blocking and meant for a worker thread. The tar stream is produced,
-hashed and compressed in one pass, file contents in chunks, so a layer is never
-held in memory whole.
+hashed, compressed, hashed again and counted in one pass, file contents in
+chunks read into one reused buffer, so a layer is never held in memory whole
+and no store file is read twice. Headers and small files are batched into
+larger pieces, because each call into the hash and the compressor costs more
+than a small piece of data does.
 """
 
 from __future__ import annotations
@@ -29,12 +33,12 @@ import io
 import itertools
 import os
 import stat
-import struct
 import tarfile
-import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import IO, BinaryIO, Literal
+from typing import IO, Literal
+
+from nixeryd.compression import Chunk, Compression, Encoder
 
 #: The mtime of every member: Nix sets every store file's mtime to 1.
 _MTIME = 1
@@ -42,20 +46,28 @@ _MTIME = 1
 #: How much of a file is read and compressed at a time.
 _CHUNK_SIZE = 1 << 20
 
-#: gzip's OS byte for "unknown"; what CPython's gzip and Go's compress/gzip write.
-_GZIP_OS_UNKNOWN = 255
+#: Pieces of the tar stream smaller than this are batched (headers, small files)...
+_SMALL_PIECE = 64 * 1024
+#: ...until the batch is this large.
+_BATCH_SIZE = 256 * 1024
+
+#: What layers are written with unless told otherwise: the default compressor.
+DEFAULT_COMPRESSION = Compression.default()
 
 _DIR_MODE = 0o755
 
+#: What a regular member's contents are read from: a store file or a tree entry's bytes.
+_Source = io.RawIOBase | io.BufferedIOBase
+
 #: A tar member: its header and, for regular files, how to open its contents.
-_Member = tuple[tarfile.TarInfo, Callable[[], BinaryIO] | None]
+_Member = tuple[tarfile.TarInfo, Callable[[], _Source] | None]
 
 
 @dataclass(frozen=True)
 class LayerDigests:
     """What the image manifest and config need to know about a written layer.
 
-    ``digest`` and ``size`` describe the gzipped blob (the manifest's layer
+    ``digest`` and ``size`` describe the compressed blob (the manifest's layer
     descriptor); ``diff_id`` is the digest of the uncompressed tar (the image
     config's ``rootfs.diff_ids``), ``uncompressed_size`` its length.
     """
@@ -107,9 +119,12 @@ def member_order(name: str) -> tuple[bytes, ...]:
 
 
 def write_store_layer(
-    store_paths: Sequence[str], out: IO[bytes], *, compresslevel: int = 6
+    store_paths: Sequence[str],
+    out: IO[bytes],
+    *,
+    compression: Compression = DEFAULT_COMPRESSION,
 ) -> LayerDigests:
-    """Write a gzipped tarball of ``store_paths`` to ``out``.
+    """Write a compressed tarball of ``store_paths`` to ``out``.
 
     Each absolute path is archived under its own name without the leading
     ``/`` (``nix/store/<hash>-name/...``), after directory entries (mode 0755)
@@ -124,13 +139,16 @@ def write_store_layer(
     after writing started leaves ``out`` holding a partial blob to discard.
     """
     roots = _store_roots(store_paths)
-    return _write_layer(_store_members(roots), out, compresslevel)
+    return _write_layer(_store_members(roots), out, compression.encoder())
 
 
 def write_tree_layer(
-    entries: Sequence[TreeEntry], out: IO[bytes], *, compresslevel: int = 6
+    entries: Sequence[TreeEntry],
+    out: IO[bytes],
+    *,
+    compression: Compression = DEFAULT_COMPRESSION,
 ) -> LayerDigests:
-    """Write a gzipped tarball of synthesised ``entries`` to ``out``.
+    """Write a compressed tarball of synthesised ``entries`` to ``out``.
 
     Entries are written in :func:`member_order` whatever order they come in;
     parent directories are not added, so list them if they need a mode of
@@ -141,7 +159,7 @@ def write_tree_layer(
         duplicates = sorted({name for name in names if names.count(name) > 1})
         raise ValueError(f"duplicate tree entries: {duplicates}")
     ordered = sorted(entries, key=lambda entry: member_order(entry.name))
-    return _write_layer(map(_tree_member, ordered), out, compresslevel)
+    return _write_layer(map(_tree_member, ordered), out, compression.encoder())
 
 
 def _store_roots(store_paths: Sequence[str]) -> list[tuple[str, os.stat_result]]:
@@ -236,74 +254,83 @@ def _header(
     return info
 
 
-def _write_layer(members: Iterable[_Member], out: IO[bytes], compresslevel: int) -> LayerDigests:
-    """The core both layer kinds share: serialise ``members`` as tar, gzipped into ``out``.
+def _write_layer(members: Iterable[_Member], out: IO[bytes], encoder: Encoder) -> LayerDigests:
+    """The core both layer kinds share: serialise ``members`` as tar, compressed into ``out``.
 
     The tar framing is written here rather than through :class:`tarfile.TarFile`
     so that contents are copied in large chunks with a size check, and the sink
     needs to be nothing more than ``write``; the bytes are the same as tarfile's.
     """
-    sink = _GzipSink(out, compresslevel)
+    sink = _Sink(out, encoder)
+    buffer = memoryview(bytearray(_CHUNK_SIZE))
     for info, opener in members:
         sink.write(info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
         if opener is not None:
             with opener() as source:
-                _copy_contents(source, sink, info)
+                _copy_contents(source, sink, info, buffer)
     sink.write(bytes(2 * tarfile.BLOCKSIZE))
     sink.write(bytes(-sink.uncompressed_size % tarfile.RECORDSIZE))
     return sink.finish()
 
 
-def _copy_contents(source: BinaryIO, sink: _GzipSink, info: tarfile.TarInfo) -> None:
+def _copy_contents(source: _Source, sink: _Sink, info: tarfile.TarInfo, buffer: memoryview) -> None:
     """Copy exactly ``info.size`` bytes and the block padding; a file that shrank is an error."""
     remaining = info.size
     while remaining:
-        chunk = source.read(min(_CHUNK_SIZE, remaining))
-        if not chunk:
+        read = source.readinto(buffer[: min(len(buffer), remaining)])
+        if not read:
             raise OSError(f"{info.name!r} changed size while being archived")
-        sink.write(chunk)
-        remaining -= len(chunk)
+        sink.write(buffer[:read])
+        remaining -= read
     sink.write(bytes(-info.size % tarfile.BLOCKSIZE))
 
 
-class _GzipSink:
-    """Hashes the tar stream, gzips it, and hashes, counts and writes the gzip stream.
+class _Sink:
+    """Hashes and counts the tar stream, compresses it, and hashes, counts and writes the blob.
 
-    The gzip framing is written here so that every header byte is fixed
-    (mtime 0, no file name, OS byte "unknown") whatever the Python version.
+    Small pieces are collected in a batch first; a large one (file contents)
+    goes through as it is, after the batch. ``write`` may be given a view of a
+    buffer its caller reuses: nothing keeps a reference to it.
     """
 
-    def __init__(self, out: IO[bytes], compresslevel: int) -> None:
-        if not 0 <= compresslevel <= 9:
-            raise ValueError(f"compresslevel must be 0 to 9, not {compresslevel}")
+    def __init__(self, out: IO[bytes], encoder: Encoder) -> None:
         self._out = out
-        self._deflate = zlib.compressobj(compresslevel, zlib.DEFLATED, -zlib.MAX_WBITS)
+        self._encoder = encoder
         self._tar_sha256 = hashlib.sha256()
         self._blob_sha256 = hashlib.sha256()
-        self._crc32 = 0
         self._size = 0
+        self._batch = bytearray()
         self.uncompressed_size = 0
-        # XFL: 2 for the slowest, best compression, 4 for the fastest, as gzip writes it.
-        extra_flags = {9: 2, 1: 4}.get(compresslevel, 0)
-        # Magic, deflate, no flags (so no file name), mtime 0, XFL, OS.
-        self._emit(struct.pack("<BBBBIBB", 0x1F, 0x8B, 8, 0, 0, extra_flags, _GZIP_OS_UNKNOWN))
 
-    def write(self, data: bytes) -> None:
-        self._tar_sha256.update(data)
-        self._crc32 = zlib.crc32(data, self._crc32)
+    def write(self, data: Chunk) -> None:
         self.uncompressed_size += len(data)
-        self._emit(self._deflate.compress(data))
+        if len(data) < _SMALL_PIECE:
+            self._batch += data
+            if len(self._batch) >= _BATCH_SIZE:
+                self._flush_batch()
+        else:
+            self._flush_batch()
+            self._process(data)
 
     def finish(self) -> LayerDigests:
-        """Flush the compressor, write the gzip trailer and report the digests."""
-        self._emit(self._deflate.flush())
-        self._emit(struct.pack("<II", self._crc32, self.uncompressed_size & 0xFFFFFFFF))
+        """Flush the batch and the compressor and report the digests."""
+        self._flush_batch()
+        self._emit(self._encoder.finish())
         return LayerDigests(
             digest=f"sha256:{self._blob_sha256.hexdigest()}",
             diff_id=f"sha256:{self._tar_sha256.hexdigest()}",
             size=self._size,
             uncompressed_size=self.uncompressed_size,
         )
+
+    def _flush_batch(self) -> None:
+        if self._batch:
+            self._process(self._batch)
+            self._batch = bytearray()
+
+    def _process(self, data: Chunk) -> None:
+        self._tar_sha256.update(data)
+        self._emit(self._encoder.compress(data))
 
     def _emit(self, data: bytes) -> None:
         if data:

@@ -2,6 +2,7 @@ from pathlib import Path
 
 import pytest
 
+from nixeryd.compression import Compression
 from nixeryd.config import ConfigError, default_package_set, load_config
 from nixeryd.platform import AMD64, ARM64, host_platform
 
@@ -79,3 +80,46 @@ def test_platforms_from_each_source(tmp_path: Path) -> None:
     assert config.platforms == (AMD64, ARM64)
     with pytest.raises(ConfigError, match=r"--platforms \(platforms\) = 'linux/sparc'"):
         load_config({"platforms": "linux/sparc"}, {})
+
+
+def test_layer_compression_defaults_to_isal_at_its_default_level() -> None:
+    config = load_config({}, {})
+    assert (config.layer_compressor, config.compression) == ("isal", Compression("isal", 2))
+    assert config.layer_workers == 0
+
+
+def test_layer_compression_options_from_every_source(tmp_path: Path) -> None:
+    file = tmp_path / "nixeryd.toml"
+    file.write_text('layer_compressor = "zstd"\nlayer_compression_level = 9\nlayer_workers = 3\n')
+    config = load_config({}, {}, file)
+    assert (config.compression, config.layer_workers) == (Compression("zstd", 9), 3)
+    config = load_config(
+        {"layer_compression_level": "1"},
+        {"NIXERYD_LAYER_COMPRESSOR": "zlib", "NIXERYD_LAYER_WORKERS": "1"},
+    )
+    assert (config.compression, config.layer_workers) == (Compression("zlib", 1), 1)
+
+
+@pytest.mark.parametrize(
+    ("cli", "environ", "message"),
+    [
+        ({"layer_compressor": "lz4"}, {}, r"--layer-compressor \(layer_compressor\).*one of isal"),
+        (
+            {"layer_compression_level": "9"},
+            {},
+            r"layer_compression_level \(from --layer-compression-level\): isal .* 0 to 3",
+        ),
+        (
+            {},
+            {"NIXERYD_LAYER_COMPRESSOR": "zstd", "NIXERYD_LAYER_COMPRESSION_LEVEL": "0"},
+            r"layer_compressor \(from \$NIXERYD_LAYER_COMPRESSOR\), .*: zstd .* 1 to 19",
+        ),
+        ({"layer_workers": "-1"}, {}, r"layer_workers.*0 or more"),
+        ({"layer_compression_level": "fast"}, {}, r"layer_compression_level.*'fast'"),
+    ],
+)
+def test_layer_compression_options_are_checked(
+    cli: dict[str, str], environ: dict[str, str], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(cli, environ)

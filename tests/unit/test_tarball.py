@@ -11,7 +11,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import zstandard
 
+from nixeryd.compression import COMPRESSORS, Compression
 from nixeryd.tarball import (
     LayerDigests,
     TreeEntry,
@@ -78,7 +80,7 @@ def remove_store(root: Path) -> None:
     shutil.rmtree(root / "store")
 
 
-def store_blob(paths: list[str], **kwargs: int) -> tuple[bytes, LayerDigests]:
+def store_blob(paths: list[str], **kwargs: Compression) -> tuple[bytes, LayerDigests]:
     out = io.BytesIO()
     digests = write_store_layer(paths, out, **kwargs)
     return out.getvalue(), digests
@@ -109,20 +111,81 @@ def test_digests_describe_the_blob_and_the_tar(store: list[str]) -> None:
 
 
 def test_gzip_header_is_fixed(store: list[str]) -> None:
-    blob, _ = store_blob(store)
     # Magic, deflate, no flags (no file name), mtime 0, XFL 0, OS "unknown".
-    assert blob[:10] == b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"
-    assert store_blob(store, compresslevel=9)[0][8] == 2
-    assert store_blob(store, compresslevel=1)[0][8] == 4
+    header = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"
+    assert store_blob(store, compression=Compression("zlib", 6))[0][:10] == header
+    assert store_blob(store, compression=Compression("isal", 2))[0][:10] == header
+    assert store_blob(store, compression=Compression("zlib", 9))[0][8] == 2
+    assert store_blob(store, compression=Compression("zlib", 1))[0][8] == 4
+    assert store_blob(store, compression=Compression("isal", 1))[0][8] == 4
 
 
 def test_compression_level_changes_only_the_blob(store: list[str]) -> None:
-    _, fast = store_blob(store, compresslevel=1)
-    _, best = store_blob(store, compresslevel=9)
+    _, fast = store_blob(store, compression=Compression("zlib", 1))
+    _, best = store_blob(store, compression=Compression("zlib", 9))
     assert fast.diff_id == best.diff_id
     assert fast.digest != best.digest
-    with pytest.raises(ValueError, match="compresslevel"):
-        store_blob(store, compresslevel=10)
+
+
+def decompress(blob: bytes, compression: Compression) -> bytes:
+    if compression.format == "zstd":
+        # A frame without a content size needs the streaming decoder.
+        return zstandard.ZstdDecompressor().decompressobj().decompress(blob)
+    return gzip.decompress(blob)
+
+
+ALL_COMPRESSIONS = [
+    Compression(name, level)
+    for name, info in COMPRESSORS.items()
+    for level in sorted({info.lowest, info.default, info.highest})
+]
+
+
+@pytest.mark.parametrize("compression", ALL_COMPRESSIONS, ids=lambda c: c.key)
+def test_every_compressor_is_deterministic_and_carries_the_same_tar(
+    tmp_path: Path, compression: Compression
+) -> None:
+    paths = make_store(tmp_path / "a")
+    blob, digests = store_blob(paths, compression=compression)
+    again, _ = store_blob(paths, compression=compression)
+    assert blob == again
+    tar = decompress(blob, compression)
+    reference, _ = store_blob(paths, compression=Compression("zlib", 6))
+    assert tar == gzip.decompress(reference)
+    assert digests.digest == "sha256:" + hashlib.sha256(blob).hexdigest()
+    assert digests.diff_id == "sha256:" + hashlib.sha256(tar).hexdigest()
+    assert (digests.size, digests.uncompressed_size) == (len(blob), len(tar))
+    tree = tree_blob(TREE, compression=compression)
+    assert decompress(tree, compression) == gzip.decompress(
+        tree_blob(TREE, compression=Compression("zlib", 6))
+    )
+
+
+def test_zstd_blobs_are_zstd_frames_with_a_checksum(store: list[str]) -> None:
+    blob, _ = store_blob(store, compression=Compression("zstd", 3))
+    parameters = zstandard.get_frame_parameters(blob)
+    assert blob[:4] == b"\x28\xb5\x2f\xfd"
+    assert parameters.has_checksum
+
+
+def test_gzip_blobs_decode_with_gnu_gzip(tmp_path: Path, store: list[str]) -> None:
+    blob, digests = store_blob(store, compression=Compression("isal", 2))
+    tar = subprocess.run(["gzip", "-dc"], input=blob, capture_output=True, check=True).stdout
+    assert "sha256:" + hashlib.sha256(tar).hexdigest() == digests.diff_id
+
+
+@pytest.mark.parametrize(
+    ("compressor", "level", "message"),
+    [("zlib", 10, "0 to 9"), ("isal", 4, "0 to 3"), ("zstd", 0, "1 to 19"), ("lz4", 1, "unknown")],
+)
+def test_compression_levels_are_checked(compressor: str, level: int, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Compression(compressor, level)
+
+
+def test_isal_is_the_default_compressor_and_keys_name_compressor_and_level() -> None:
+    assert Compression.default() == Compression("isal", 2)
+    assert Compression.default("zstd").key == "zstd-3"
 
 
 def test_same_bytes_every_time_and_however_the_tree_was_made(tmp_path: Path) -> None:
@@ -270,9 +333,9 @@ TREE = [
 ]
 
 
-def tree_blob(entries: list[TreeEntry]) -> bytes:
+def tree_blob(entries: list[TreeEntry], **kwargs: Compression) -> bytes:
     out = io.BytesIO()
-    digests = write_tree_layer(entries, out)
+    digests = write_tree_layer(entries, out, **kwargs)
     assert digests.digest == "sha256:" + hashlib.sha256(out.getvalue()).hexdigest()
     return out.getvalue()
 

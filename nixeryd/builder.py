@@ -45,16 +45,16 @@ from nixeryd.forest import symlink_forest
 from nixeryd.imagename import ImageName, ImageTarget
 from nixeryd.layering import Layer, LayeringStrategy
 from nixeryd.manifest import (
-    FORMS,
-    INDEX_FORMS,
     OCI_CONFIG,
-    OCI_LAYER,
     Choice,
     IndexEntry,
     LayerDescriptor,
+    forms_for,
     image_config,
     image_index,
     image_manifest,
+    index_forms_for,
+    layer_media_type,
 )
 from nixeryd.nixbuild import Nix, ResolvedPackage
 from nixeryd.platform import Platform
@@ -145,7 +145,10 @@ class ImageBuilder:
         clock: Any,
         on_built: Callable[[str, str, str, float], None] = lambda *_: None,
         compression: Compression = DEFAULT_COMPRESSION,
+        write_in_thread: Callable[[Callable[[], Any]], Deferred[Any]] | None = None,
     ) -> None:
+        """``write_in_thread`` runs layer writes (``run_in_thread`` if None): a pool as
+        large as the cores that compress, apart from the pool for short blocking calls."""
         self._nix = nix
         self._source = source
         self._storage = storage
@@ -158,6 +161,7 @@ class ImageBuilder:
         self._clock = clock
         self._on_built = on_built
         self._compression = compression
+        self._write_in_thread = write_in_thread or run_in_thread
         self._images: SingleFlight[BuiltImage] = SingleFlight()
         self._layers: SingleFlight[LayerDescriptor] = SingleFlight()
         self._local: OrderedDict[str, BuiltImage] = OrderedDict()
@@ -210,7 +214,7 @@ class ImageBuilder:
             self._indexes.move_to_end(key)
             return self._indexes[key]
         indexes = {}
-        for form, media_type in INDEX_FORMS.items():
+        for form, media_type in index_forms_for(self._compression.format).items():
             entries = [
                 IndexEntry(
                     image.platform,
@@ -220,7 +224,7 @@ class ImageBuilder:
                 )
                 for image in images
             ]
-            data = image_index(form, entries)
+            data = image_index(form, entries, layer_format=self._compression.format)
             info = yield self._storage.put_blob(data, media_type)
             indexes[form] = StoredManifest(media_type, info.digest, data)
         self._indexes[key] = indexes
@@ -275,6 +279,7 @@ class ImageBuilder:
             self._layering_name,
             str(self._budget),
             popularity.fingerprint,
+            self._compression.key,
         ]
         return hashlib.sha256("\0".join(parts).encode()).hexdigest()
 
@@ -313,8 +318,15 @@ class ImageBuilder:
             )
             config_info = yield self._storage.put_blob(config, OCI_CONFIG)
             manifests = {}
-            for form, (media_type, _, _) in FORMS.items():
-                data = image_manifest(form, config_info.digest, config_info.size, descriptors)
+            layer_format = self._compression.format
+            for form, (media_type, _, _) in forms_for(layer_format).items():
+                data = image_manifest(
+                    form,
+                    config_info.digest,
+                    config_info.size,
+                    descriptors,
+                    layer_format=layer_format,
+                )
                 info = yield self._storage.put_blob(data, media_type)
                 manifests[form] = StoredManifest(media_type, info.digest, data)
             lap("manifest")
@@ -363,7 +375,8 @@ class ImageBuilder:
 
     @inlineCallbacks
     def _cached_or_written_layer(self, key: str, write: Callable[[IO[bytes]], LayerDigests]) -> Any:
-        record_name = f"builds/{key}"
+        # Blob bytes depend on the compressor and level, so the record does too.
+        record_name = f"builds/{key}.{self._compression.key}"
         record = yield self._storage.get_record(record_name)
         if record is not None:
             cached = LayerDescriptor(**json.loads(record))
@@ -371,11 +384,11 @@ class ImageBuilder:
                 return cached
         staged = self._storage.stage_blob()
         try:
-            digests: LayerDigests = yield self._run_in_thread(lambda: write(staged.file))
+            digests: LayerDigests = yield self._write_in_thread(lambda: write(staged.file))
         except BaseException:
             staged.discard()
             raise
-        info = yield staged.commit(digests.digest, OCI_LAYER)
+        info = yield staged.commit(digests.digest, layer_media_type(self._compression.format))
         descriptor = LayerDescriptor(digest=info.digest, size=info.size, diff_id=digests.diff_id)
         yield self._storage.put_record(record_name, json.dumps(descriptor.__dict__).encode())
         return descriptor
@@ -391,9 +404,10 @@ class ImageBuilder:
         manifests = {}
         for form, digest in json.loads(record).items():
             data = yield self._storage.read_blob(digest)
-            if data is None or form not in FORMS:
+            forms = forms_for(self._compression.format)
+            if data is None or form not in forms:
                 return None
-            manifests[form] = StoredManifest(FORMS[form][0], digest, data)
+            manifests[form] = StoredManifest(forms[form][0], digest, data)
         built = BuiltImage(platform, manifests)
         self._keep_local(key, built)
         return built

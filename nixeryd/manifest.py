@@ -23,6 +23,7 @@ DOCKER_LAYER = "application/vnd.docker.image.rootfs.diff.tar.gzip"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 OCI_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
+OCI_LAYER_ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"
 
 DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -35,6 +36,31 @@ FORMS = {
 
 #: Form name -> the media type of its multi-platform index.
 INDEX_FORMS = {"docker": DOCKER_MANIFEST_LIST, "oci": OCI_INDEX}
+
+#: The forms of images whose layers are zstd: OCI alone, because Docker schema 2 has
+#: no zstd layer type. Both slots hold it, so that every client gets it, whatever it
+#: asks for; only clients that read OCI manifests and zstd can pull such images.
+ZSTD_FORMS = {
+    "docker": (OCI_MANIFEST, OCI_CONFIG, OCI_LAYER_ZSTD),
+    "oci": (OCI_MANIFEST, OCI_CONFIG, OCI_LAYER_ZSTD),
+}
+ZSTD_INDEX_FORMS = {"docker": OCI_INDEX, "oci": OCI_INDEX}
+
+
+def forms_for(layer_format: str) -> dict[str, tuple[str, str, str]]:
+    """Form name -> (manifest, config, layer) media types for layers in ``layer_format``."""
+    return ZSTD_FORMS if layer_format == "zstd" else FORMS
+
+
+def index_forms_for(layer_format: str) -> dict[str, str]:
+    """Form name -> the index media type for layers in ``layer_format``."""
+    return ZSTD_INDEX_FORMS if layer_format == "zstd" else INDEX_FORMS
+
+
+def layer_media_type(layer_format: str) -> str:
+    """The media type a layer blob is stored with: the OCI one, which says how it is compressed."""
+    return OCI_LAYER_ZSTD if layer_format == "zstd" else OCI_LAYER
+
 
 #: Everything served from the ``manifests`` endpoint.
 MANIFEST_MEDIA_TYPES = (DOCKER_MANIFEST, OCI_MANIFEST, DOCKER_MANIFEST_LIST, OCI_INDEX)
@@ -136,10 +162,15 @@ def image_config(
 
 
 def image_manifest(
-    form: str, config_digest: str, config_size: int, layers: Sequence[LayerDescriptor]
+    form: str,
+    config_digest: str,
+    config_size: int,
+    layers: Sequence[LayerDescriptor],
+    *,
+    layer_format: str = "gzip",
 ) -> bytes:
-    """The image manifest in ``form`` (``docker`` or ``oci``)."""
-    manifest_type, config_type, layer_type = FORMS[form]
+    """The image manifest in ``form`` (``docker`` or ``oci``) of layers in ``layer_format``."""
+    manifest_type, config_type, layer_type = forms_for(layer_format)[form]
     return canonical_json(
         {
             "schemaVersion": 2,
@@ -163,12 +194,12 @@ class IndexEntry:
     size: int
 
 
-def image_index(form: str, entries: Sequence[IndexEntry]) -> bytes:
+def image_index(form: str, entries: Sequence[IndexEntry], *, layer_format: str = "gzip") -> bytes:
     """The multi-platform index in ``form``: a Docker manifest list or an OCI image index."""
     return canonical_json(
         {
             "schemaVersion": 2,
-            "mediaType": INDEX_FORMS[form],
+            "mediaType": index_forms_for(layer_format)[form],
             "manifests": [
                 {
                     "mediaType": entry.media_type,

@@ -8,6 +8,7 @@ client; tests call it with fakes.
 
 from __future__ import annotations
 
+import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +20,7 @@ from twisted.application.strports import service as endpoint_service
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
 from twisted.web.client import Agent
 
 from nixeryd.builder import ImageBuilder
@@ -43,14 +45,22 @@ def make_registry(
     processes: ProcessRunner | None = None,
     run_in_thread: Callable[[Callable[[], Any]], Deferred[Any]] | None = None,
 ) -> RegistryApp:
-    """The registry application, with every dependency built from ``config`` unless given."""
+    """The registry application, with every dependency built from ``config`` unless given.
+
+    Given ``run_in_thread`` (tests) runs every blocking call, layer writes
+    included; otherwise short blocking calls go to the reactor's pool and
+    layer writes to a pool of ``layer_workers`` threads.
+    """
     plugins = plugins or Plugins(make_plugin_manager())
     processes = processes or ReactorProcessRunner(reactor)
+    write_in_thread = run_in_thread
     if run_in_thread is None:
         pool = reactor.getThreadPool()
 
         def run_in_thread(work: Callable[[], Any]) -> Deferred[Any]:
             return deferToThreadPool(reactor, pool, work)
+
+        write_in_thread = _layer_pool_runner(reactor, layer_pool_size(config.layer_workers))
 
     runtime = Runtime(
         config=config,
@@ -79,17 +89,45 @@ def make_registry(
         run_in_thread=run_in_thread,
         clock=reactor,
         on_built=plugins.image_built,
+        compression=config.compression,
+        write_in_thread=write_in_thread,
     )
     log.info(
         "serving {source} source for {platforms}, {storage} storage, "
-        "{layering} layering (budget {budget})",
+        "{layering} layering (budget {budget}), {compression} layers",
         source=config.package_source,
         platforms=",".join(platform.name for platform in config.platforms),
         storage=config.storage_backend,
         layering=config.layering_strategy,
         budget=config.layer_budget,
+        compression=config.compression.key,
     )
     return RegistryApp(builder, storage, source)
+
+
+def layer_pool_size(configured: int, cores: int | None = None) -> int:
+    """How many layers are written at once: ``configured``, or with 0 one per core this
+    process may run on (``cores``, by default from its CPU affinity, which container
+    CPU sets restrict). Compression and hashing release the GIL, so each thread
+    keeps a core busy; more threads than cores would only interleave the layers."""
+    if configured > 0:
+        return configured
+    if cores is None:
+        cores = len(os.sched_getaffinity(0))
+    return max(1, cores)
+
+
+def _layer_pool_runner(reactor: Any, size: int) -> Callable[[Callable[[], Any]], Deferred[Any]]:
+    """A thread pool of ``size`` for layer writes, started now and stopped with the reactor."""
+    pool = ThreadPool(minthreads=0, maxthreads=size, name="nixeryd-layers")
+    pool.start()
+    reactor.addSystemEventTrigger("during", "shutdown", pool.stop)
+    log.info("writing up to {size} layers at once", size=size)
+
+    def run(work: Callable[[], Any]) -> Deferred[Any]:
+        return deferToThreadPool(reactor, pool, work)
+
+    return run
 
 
 def make_service(config: Config, reactor: Any, **overrides: Any) -> MultiService:

@@ -62,11 +62,15 @@ class Harness(MemoryHTTP):
         monkeypatch: pytest.MonkeyPatch,
         *expect: Expect,
         platforms: tuple[Platform, ...] = (AMD64,),
+        **options: Any,
     ) -> None:
         self.processes = ExpectingProcessRunner(*expect)
         self.daemon_clock = Clock()
         config = Config(
-            pkgs_path=str(tmp_path), storage_path=str(tmp_path / "storage"), platforms=platforms
+            pkgs_path=str(tmp_path),
+            storage_path=str(tmp_path / "storage"),
+            platforms=platforms,
+            **options,
         )
         registry = make_registry(
             config,

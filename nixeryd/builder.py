@@ -31,7 +31,7 @@ import json
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import IO, Any, cast
 
 from twisted.internet.defer import Deferred, FirstError, gatherResults, inlineCallbacks
@@ -96,6 +96,8 @@ class BuiltImage:
 
     platform: Platform
     manifests: Mapping[str, StoredManifest]
+    #: Built from a pinned source (a commit): the same request gets the same answer.
+    pinned: bool = False
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,8 @@ class TaggedImage:
 
     images: Sequence[BuiltImage]
     indexes: Mapping[str, StoredManifest]
+    #: Every platform built, each from a pinned source: the answers may be cached.
+    pinned: bool = False
 
     def answer(self, choice: Choice) -> StoredManifest:
         """The manifest or index a client gets, per :func:`nixeryd.manifest.choose`."""
@@ -176,7 +180,7 @@ class ImageBuilder:
         targets = image.targets(self._platforms)
         if len(targets) == 1:
             built = yield self.image(targets[0], tag)
-            return TaggedImage([built], {})
+            return TaggedImage([built], {}, pinned=built.pinned)
         now = self._clock.seconds()
         tried = [
             target
@@ -205,7 +209,8 @@ class ImageBuilder:
                     reason=result.message,
                 )
         indexes = yield self._indexes_of(images)
-        return TaggedImage(images, indexes)
+        pinned = len(images) == len(targets) and all(image.pinned for image in images)
+        return TaggedImage(images, indexes, pinned=pinned)
 
     @inlineCallbacks
     def _indexes_of(self, images: Sequence[BuiltImage]) -> Any:
@@ -246,7 +251,7 @@ class ImageBuilder:
                 pin_key = self._manifest_key("pin", image.canonical, source.pin, popularity)
                 cached = yield self._cached_manifests(pin_key, image.platform)
                 if cached is not None:
-                    return cached
+                    return replace(cached, pinned=True)
             packages: list[ResolvedPackage] = yield self._nix.resolve(source, image)
             outputs = sorted(package.out_path for package in packages)
             eval_key = self._manifest_key("eval", image.canonical, "\n".join(outputs), popularity)
@@ -265,6 +270,7 @@ class ImageBuilder:
                 self._on_built(image.canonical, tag, built.manifests["docker"].digest, seconds)
             if pin_key is not None:
                 yield self._remember(pin_key, built)
+                return replace(built, pinned=True)
             return built
         except RegistryError as error:
             self.recent_errors.append(BuildError(time.time(), image.canonical, tag, error.message))

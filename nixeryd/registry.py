@@ -11,6 +11,7 @@ import html
 import json
 import re
 import time
+from collections import OrderedDict
 from typing import Any, cast
 from urllib.parse import urlencode
 
@@ -68,10 +69,12 @@ class RegistryApp:
         self._builder = builder
         self._storage = storage
         self._source = source
+        self._answers = Answers()
 
     def resource(self) -> IResource:
-        """The root resource: the routes, with the API version header on every response."""
-        return cast(IResource, _WithApiVersion(self.app.resource()))
+        """The root resource: the routes, with the API version header on every response,
+        and remembered answers served before routing."""
+        return cast(IResource, _WithApiVersion(self.app.resource(), self._answers))
 
     @app.route("/", methods=["GET", "HEAD"])
     def index(self, request: Request) -> bytes:
@@ -95,15 +98,23 @@ class RegistryApp:
     @inlineCallbacks
     def manifest(self, request: Request, name: str, reference: str) -> Any:
         image = parse_image_name(name)
-        if ":" in reference:
+        by_digest = ":" in reference
+        if by_digest:
             manifest = yield self._manifest_by_digest(reference)
+            immutable = True
         else:
-            manifest = yield self._manifest_by_tag(request, image, reference)
-        request.setHeader(b"Content-Type", manifest.media_type.encode())
-        request.setHeader(b"Content-Length", str(len(manifest.data)).encode())
-        request.setHeader(b"Docker-Content-Digest", manifest.digest.encode())
-        request.setHeader(b"ETag", f'"{manifest.digest}"'.encode())
-        return manifest.data
+            manifest, immutable = yield self._manifest_by_tag(request, image, reference)
+        headers = [
+            (b"Content-Type", manifest.media_type.encode()),
+            (b"Content-Length", str(len(manifest.data)).encode()),
+            (b"Docker-Content-Digest", manifest.digest.encode()),
+            (b"ETag", f'"{manifest.digest}"'.encode()),
+        ]
+        if not by_digest:
+            headers.append((b"Vary", b"Accept"))
+        if immutable:
+            self._answers.remember(request, headers, manifest.data, by_accept=not by_digest)
+        return _answer(request, headers, manifest.data)
 
     @inlineCallbacks
     def _manifest_by_tag(self, request: Request, image: ImageName, tag: str) -> Any:
@@ -115,7 +126,7 @@ class RegistryApp:
         accept = request.requestHeaders.getRawHeaders(b"accept", [])
         # Caches between client and registry must key a tag's answer by Accept.
         request.setHeader(b"Vary", b"Accept")
-        return tagged.answer(choose(accept, multi_platform=bool(tagged.indexes)))
+        return tagged.answer(choose(accept, multi_platform=bool(tagged.indexes))), tagged.pinned
 
     @inlineCallbacks
     def _manifest_by_digest(self, digest: str) -> Any:
@@ -140,6 +151,18 @@ class RegistryApp:
         info = yield self._storage.stat_blob(digest)
         if info is None:
             raise unknown
+        if info.size <= SMALL_BLOB_SIZE and not request.requestHeaders.hasHeader(b"range"):
+            data = yield self._storage.read_blob(digest)
+            if data is not None and len(data) == info.size:
+                headers = [
+                    (b"Content-Type", info.media_type.encode()),
+                    (b"Content-Length", str(info.size).encode()),
+                    (b"Docker-Content-Digest", digest.encode()),
+                    (b"ETag", f'"{digest}"'.encode()),
+                    (b"Accept-Ranges", b"bytes"),
+                ]
+                self._answers.remember(request, headers, data, by_accept=False)
+                return _answer(request, headers, data)
         return self._storage.blob_resource(info)
 
     @app.route("/v2/<path:name>/referrers/<digest>", methods=["GET", "HEAD"])
@@ -231,17 +254,85 @@ def _arg(request: Request, name: bytes) -> str | None:
     return values[0].decode("utf-8", "replace") if values else None
 
 
+#: Blobs up to this size (configs, small layers) are answered from memory once read.
+SMALL_BLOB_SIZE = 64 * 1024
+
+#: How many bytes of remembered answers are kept (least recently used go first).
+ANSWERS_BYTES = 32 * 1024 * 1024
+
+_Headers = list[tuple[bytes, bytes]]
+
+
+class Answers:
+    """Responses that cannot change, kept in memory and served before routing.
+
+    A manifest by digest and a small blob are content-addressed; a manifest by
+    a tag the builder reports as pinned (every platform built from a commit)
+    is the same for the same ``Accept`` lines for as long as the daemon runs.
+    Serving them is a dictionary lookup: no routing, no Deferreds, no storage
+    access, no JSON. Entries are keyed by request path, and for tags by the
+    ``Accept`` lines too; a request with a ``Range`` header is never answered
+    from here.
+    """
+
+    def __init__(self, capacity: int = ANSWERS_BYTES) -> None:
+        self._capacity = capacity
+        self._size = 0
+        self._entries: OrderedDict[tuple[bytes, tuple[bytes, ...] | None], tuple[_Headers, bytes]]
+        self._entries = OrderedDict()
+
+    def remember(
+        self, request: Request, headers: _Headers, body: bytes, *, by_accept: bool
+    ) -> None:
+        if request.requestHeaders.hasHeader(b"range"):
+            return
+        key = (request.path, _accept(request) if by_accept else None)
+        if key in self._entries or len(body) > self._capacity:
+            return
+        self._entries[key] = (headers, body)
+        self._size += len(body)
+        while self._size > self._capacity:
+            _, (_, evicted) = self._entries.popitem(last=False)
+            self._size -= len(evicted)
+
+    def answer(self, request: Request) -> bytes | None:
+        """The remembered body with its headers set, or None."""
+        if request.method not in (b"GET", b"HEAD") or request.requestHeaders.hasHeader(b"range"):
+            return None
+        for key in ((request.path, None), (request.path, _accept(request))):
+            entry = self._entries.get(key)
+            if entry is not None:
+                self._entries.move_to_end(key)
+                return _answer(request, *entry)
+        return None
+
+
+def _accept(request: Request) -> tuple[bytes, ...]:
+    return tuple(request.requestHeaders.getRawHeaders(b"accept", []))
+
+
+def _answer(request: Request, headers: _Headers, body: bytes) -> bytes:
+    for name, value in headers:
+        request.setHeader(name, value)
+    return body
+
+
 class _WithApiVersion(Resource):
-    """Adds ``Docker-Distribution-API-Version`` to every response, errors included."""
+    """Adds ``Docker-Distribution-API-Version`` to every response, errors included, and
+    serves remembered answers without routing."""
 
     isLeaf = True
 
-    def __init__(self, wrapped: Any) -> None:
+    def __init__(self, wrapped: Any, answers: Answers) -> None:
         super().__init__()
         self._wrapped = wrapped
+        self._answers = answers
 
     def render(self, request: Request) -> Any:
         request.setHeader(b"Docker-Distribution-API-Version", API_VERSION)
+        answer = self._answers.answer(request)
+        if answer is not None:
+            return answer
         return self._wrapped.render(request)
 
 

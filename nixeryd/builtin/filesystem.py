@@ -73,8 +73,10 @@ _RANGE = re.compile(rb"\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*", re.IGNORECASE)
 _STALE_TMP_SECONDS = 24 * 60 * 60
 # mkstemp creates 0600 files; stored files get the mode a umask of 022 would give.
 _FILE_MODE = 0o644
-# How much of a blob is read per pull of the HTTP consumer: memory stays bounded.
-_CHUNK_SIZE = 64 * 1024
+# How much of a blob is read per pull of the HTTP consumer: memory stays bounded (one
+# chunk per response in flight: 25 MB for 100 downloads), while each pull, a Python
+# round trip through the reactor, moves enough bytes to keep up with a Go server.
+_CHUNK_SIZE = 256 * 1024
 
 _log = Logger()
 

@@ -312,9 +312,11 @@ def _accept(request: Request) -> tuple[bytes, ...]:
 
 
 def _answer(request: Request, headers: _Headers, body: bytes) -> bytes:
+    """Set ``headers`` and return what to render: no body for HEAD, as twisted.web logs
+    every HEAD response that carries one (at the cost of formatting the request)."""
     for name, value in headers:
         request.setHeader(name, value)
-    return body
+    return b"" if request.method == b"HEAD" else body
 
 
 class _WithApiVersion(Resource):

@@ -31,6 +31,7 @@ import json
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass, replace
 from typing import IO, Any, cast
 
@@ -150,9 +151,12 @@ class ImageBuilder:
         on_built: Callable[[str, str, str, float], None] = lambda *_: None,
         compression: Compression = DEFAULT_COMPRESSION,
         write_in_thread: Callable[[Callable[[], Any]], Deferred[Any]] | None = None,
+        compress_pool: Executor | None = None,
     ) -> None:
         """``write_in_thread`` runs layer writes (``run_in_thread`` if None): a pool as
-        large as the cores that compress, apart from the pool for short blocking calls."""
+        large as the cores, apart from the pool for short blocking calls;
+        ``compress_pool`` compresses blocks of each layer in parallel, so that one
+        large layer uses every core too."""
         self._nix = nix
         self._source = source
         self._storage = storage
@@ -166,6 +170,7 @@ class ImageBuilder:
         self._on_built = on_built
         self._compression = compression
         self._write_in_thread = write_in_thread or run_in_thread
+        self._compress_pool = compress_pool
         self._images: SingleFlight[BuiltImage] = SingleFlight()
         self._layers: SingleFlight[LayerDescriptor] = SingleFlight()
         self._local: OrderedDict[str, BuiltImage] = OrderedDict()
@@ -361,7 +366,9 @@ class ImageBuilder:
         paths = layer.paths
         return self._layer(
             layer.key,
-            lambda out: write_store_layer(paths, out, compression=self._compression),
+            lambda out: write_store_layer(
+                paths, out, compression=self._compression, executor=self._compress_pool
+            ),
         )
 
     def _forest_layer(self, roots: Sequence[str]) -> Deferred[LayerDescriptor]:
@@ -369,7 +376,9 @@ class ImageBuilder:
 
         def write(out: IO[bytes]) -> LayerDigests:
             entries = symlink_forest(roots)
-            return write_tree_layer(entries, out, compression=self._compression)
+            return write_tree_layer(
+                entries, out, compression=self._compression, executor=self._compress_pool
+            )
 
         return self._layer(key, write)
 

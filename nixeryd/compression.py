@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import struct
 import zlib
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Protocol
@@ -128,33 +130,78 @@ class Compression:
         """The part of a cache key that changes whenever the blob bytes would."""
         return f"{self.compressor}-{self.level}"
 
-    def encoder(self) -> Encoder:
-        """A fresh encoder for one blob."""
+    def encoder(self, executor: Executor | None = None) -> Encoder:
+        """A fresh encoder for one blob; gzip blocks are deflated on ``executor`` if given.
+
+        The bytes are the same with or without an executor, whatever its size.
+        """
         if self.compressor == "zstd":
             assert zstandard is not None
             return _ZstdEncoder(zstandard, self.level)
         if self.compressor == "isal":
             assert isal_zlib is not None
-            deflate = isal_zlib.compressobj(self.level, isal_zlib.DEFLATED, -isal_zlib.MAX_WBITS)
             # ISA-L's levels are all fast: 0 and 1 are its fastest.
-            return _GzipEncoder(deflate, 4 if self.level <= 1 else 0)
-        deflate = zlib.compressobj(self.level, zlib.DEFLATED, -zlib.MAX_WBITS)
+            return _BlockGzipEncoder(
+                _deflater(isal_zlib, self.level), 4 if self.level <= 1 else 0, executor
+            )
         # XFL: 2 for the slowest, best compression, 4 for the fastest, as gzip writes it.
-        return _GzipEncoder(deflate, {9: 2, 1: 4}.get(self.level, 0))
+        extra_flags = {9: 2, 1: 4}.get(self.level, 0)
+        return _BlockGzipEncoder(_deflater(zlib, self.level), extra_flags, executor)
 
 
 #: The CRC-32 of the gzip trailer; ISA-L's is several times faster than zlib's.
 _crc32: Callable[[Any, int], int] = isal_zlib.crc32 if isal_zlib is not None else zlib.crc32
 
+#: gzip streams are deflated in blocks of this much tar, independently, as pigz does.
+BLOCK_SIZE = 1 << 20
+#: Each block is primed with this much of the stream before it: deflate's whole window,
+#: so back-references reach as far as in one continuous stream and sizes stay the same.
+_WINDOW = 32 * 1024
+#: Blocks of one blob being deflated at once, at most: a bound on memory per blob.
+_IN_FLIGHT = 8
 
-class _GzipEncoder:
-    """Raw deflate framed as gzip here, so every header byte is fixed whatever the library:
-    no file name, mtime 0, OS byte "unknown"."""
+#: Deflates one block: (block, the window before it, whether it is the last) -> raw deflate.
+_Deflater = Callable[[bytes, bytes, bool], bytes]
 
-    def __init__(self, deflate: Any, extra_flags: int) -> None:
+
+def _deflater(module: Any, level: int) -> _Deflater:
+    """A block deflater over ``module`` (``isal_zlib`` or ``zlib``, which share an API)."""
+
+    def deflate(block: bytes, window: bytes, last: bool) -> bytes:
+        primed = {"zdict": window} if window else {}
+        stream = module.compressobj(level, module.DEFLATED, -module.MAX_WBITS, **primed)
+        # A sync flush ends the block on a byte boundary without ending the stream,
+        # so the blocks concatenate into one deflate stream.
+        end = module.Z_FINISH if last else module.Z_SYNC_FLUSH
+        compressed: bytes = stream.compress(block) + stream.flush(end)
+        return compressed
+
+    return deflate
+
+
+class _BlockGzipEncoder:
+    """gzip whose deflate stream is made of independently compressed 1 MiB blocks.
+
+    Each block is primed with the 32 KiB before it and ends with a sync flush,
+    so the blocks concatenate into one valid deflate stream, within a fraction
+    of a percent of a continuous one's size (pigz's scheme). Blocks are
+    deflated on ``executor`` (every compressor releases the GIL), so one large
+    layer uses every core; the caller's thread keeps the checksums and order.
+    The bytes depend only on the data, compressor and level: not on the
+    executor, its size or the timing.
+
+    The gzip framing is written here so that every header byte is fixed
+    whatever the library: no file name, mtime 0, OS byte "unknown".
+    """
+
+    def __init__(self, deflate: _Deflater, extra_flags: int, executor: Executor | None) -> None:
         self._deflate = deflate
+        self._executor = executor
         self._crc32 = 0
         self._size = 0
+        self._pending = bytearray()
+        self._window = b""
+        self._blocks: deque[Future[bytes]] = deque()
         # Magic, deflate, no flags (so no file name), mtime 0, XFL, OS.
         self._header: bytes | None = struct.pack(
             "<BBBBIBB", 0x1F, 0x8B, 8, 0, 0, extra_flags, _GZIP_OS_UNKNOWN
@@ -163,15 +210,39 @@ class _GzipEncoder:
     def compress(self, data: Chunk) -> bytes:
         self._crc32 = _crc32(data, self._crc32)
         self._size += len(data)
-        compressed: bytes = self._deflate.compress(data)
-        if self._header is not None:
-            compressed, self._header = self._header + compressed, None
-        return compressed
+        self._pending += data
+        out = []
+        while len(self._pending) >= BLOCK_SIZE:
+            block = bytes(self._pending[:BLOCK_SIZE])
+            del self._pending[:BLOCK_SIZE]
+            out.append(self._submit(block, last=False))
+        return b"".join(out)
 
     def finish(self) -> bytes:
-        tail: bytes = self._deflate.flush()
+        tail = self._submit(bytes(self._pending), last=True)
+        self._pending = bytearray()
+        out = [tail]
+        while self._blocks:
+            out.append(self._blocks.popleft().result())
         trailer = struct.pack("<II", self._crc32, self._size & 0xFFFFFFFF)
-        return (self._header or b"") + tail + trailer
+        return self._take_header() + b"".join(out) + trailer
+
+    def _submit(self, block: bytes, *, last: bool) -> bytes:
+        """Start deflating ``block``; return whatever earlier blocks are done, in order."""
+        window, self._window = self._window, block[-_WINDOW:]
+        if self._executor is None:
+            return self._take_header() + self._deflate(block, window, last)
+        self._blocks.append(self._executor.submit(self._deflate, block, window, last))
+        done = []
+        while self._blocks and (self._blocks[0].done() or len(self._blocks) > _IN_FLIGHT):
+            done.append(self._blocks.popleft().result())
+        if last:
+            return b"".join(done)
+        return self._take_header() + b"".join(done) if done else b""
+
+    def _take_header(self) -> bytes:
+        header, self._header = self._header or b"", None
+        return header
 
 
 class _ZstdEncoder:

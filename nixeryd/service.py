@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -48,19 +49,24 @@ def make_registry(
     """The registry application, with every dependency built from ``config`` unless given.
 
     Given ``run_in_thread`` (tests) runs every blocking call, layer writes
-    included; otherwise short blocking calls go to the reactor's pool and
-    layer writes to a pool of ``layer_workers`` threads.
+    included; otherwise short blocking calls go to the reactor's pool, layer
+    writes to a pool of ``layer_workers`` threads, and the compression of
+    blocks of each layer to another pool as large.
     """
     plugins = plugins or Plugins(make_plugin_manager())
     processes = processes or ReactorProcessRunner(reactor)
     write_in_thread = run_in_thread
+    compress_pool = None
     if run_in_thread is None:
         pool = reactor.getThreadPool()
 
         def run_in_thread(work: Callable[[], Any]) -> Deferred[Any]:
             return deferToThreadPool(reactor, pool, work)
 
-        write_in_thread = _layer_pool_runner(reactor, layer_pool_size(config.layer_workers))
+        workers = layer_pool_size(config.layer_workers)
+        write_in_thread = _layer_pool_runner(reactor, workers)
+        compress_pool = ThreadPoolExecutor(workers, thread_name_prefix="nixeryd-deflate")
+        reactor.addSystemEventTrigger("during", "shutdown", compress_pool.shutdown)
 
     runtime = Runtime(
         config=config,
@@ -91,6 +97,7 @@ def make_registry(
         on_built=plugins.image_built,
         compression=config.compression,
         write_in_thread=write_in_thread,
+        compress_pool=compress_pool,
     )
     log.info(
         "serving {source} source for {platforms}, {storage} storage, "

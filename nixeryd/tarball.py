@@ -35,6 +35,7 @@ import os
 import stat
 import tarfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import IO, Literal
 
@@ -123,8 +124,13 @@ def write_store_layer(
     out: IO[bytes],
     *,
     compression: Compression = DEFAULT_COMPRESSION,
+    executor: Executor | None = None,
 ) -> LayerDigests:
     """Write a compressed tarball of ``store_paths`` to ``out``.
+
+    ``executor`` runs the compression of blocks of the stream in parallel
+    (see :meth:`nixeryd.compression.Compression.encoder`); the bytes are the
+    same without it.
 
     Each absolute path is archived under its own name without the leading
     ``/`` (``nix/store/<hash>-name/...``), after directory entries (mode 0755)
@@ -139,7 +145,7 @@ def write_store_layer(
     after writing started leaves ``out`` holding a partial blob to discard.
     """
     roots = _store_roots(store_paths)
-    return _write_layer(_store_members(roots), out, compression.encoder())
+    return _write_layer(_store_members(roots), out, compression.encoder(executor))
 
 
 def write_tree_layer(
@@ -147,6 +153,7 @@ def write_tree_layer(
     out: IO[bytes],
     *,
     compression: Compression = DEFAULT_COMPRESSION,
+    executor: Executor | None = None,
 ) -> LayerDigests:
     """Write a compressed tarball of synthesised ``entries`` to ``out``.
 
@@ -159,7 +166,7 @@ def write_tree_layer(
         duplicates = sorted({name for name in names if names.count(name) > 1})
         raise ValueError(f"duplicate tree entries: {duplicates}")
     ordered = sorted(entries, key=lambda entry: member_order(entry.name))
-    return _write_layer(map(_tree_member, ordered), out, compression.encoder())
+    return _write_layer(map(_tree_member, ordered), out, compression.encoder(executor))
 
 
 def _store_roots(store_paths: Sequence[str]) -> list[tuple[str, os.stat_result]]:

@@ -8,12 +8,13 @@ import stat
 import subprocess
 import tarfile
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import zstandard
 
-from nixeryd.compression import COMPRESSORS, Compression
+from nixeryd.compression import BLOCK_SIZE, COMPRESSORS, Compression
 from nixeryd.tarball import (
     LayerDigests,
     TreeEntry,
@@ -159,6 +160,20 @@ def test_every_compressor_is_deterministic_and_carries_the_same_tar(
     assert decompress(tree, compression) == gzip.decompress(
         tree_blob(TREE, compression=Compression("zlib", 6))
     )
+
+
+@pytest.mark.parametrize("compression", ALL_COMPRESSIONS, ids=lambda c: c.key)
+def test_parallel_compression_gives_the_same_bytes(
+    tmp_path: Path, compression: Compression
+) -> None:
+    paths = make_store(tmp_path)  # more than two 1 MiB blocks of tar
+    alone, digests = store_blob(paths, compression=compression)
+    for workers in (1, 3):
+        out = io.BytesIO()
+        with ThreadPoolExecutor(workers) as executor:
+            parallel = write_store_layer(paths, out, compression=compression, executor=executor)
+        assert (out.getvalue(), parallel) == (alone, digests)
+    assert digests.uncompressed_size > 2 * BLOCK_SIZE
 
 
 def test_zstd_blobs_are_zstd_frames_with_a_checksum(store: list[str]) -> None:

@@ -476,6 +476,11 @@ class _FileRangeProducer:
         self._file = file
         self._remaining = length
         file.seek(offset)
+        # A TCP transport sends at most SEND_LIMIT (128 KiB) per reactor turn; let it
+        # send a whole chunk, halving the turns (and buffer copies) per byte served.
+        transport = getattr(getattr(request, "channel", None), "transport", None)
+        if getattr(transport, "SEND_LIMIT", _CHUNK_SIZE) < _CHUNK_SIZE:
+            transport.SEND_LIMIT = _CHUNK_SIZE  # type: ignore[union-attr]
 
     def resumeProducing(self) -> None:
         if self._request is None:

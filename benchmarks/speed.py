@@ -183,7 +183,10 @@ class Bench:
                 (f"nixeryd, {results[k]['compression']}", results[k]["layers"], results[k]["bytes"])
                 for k in ("nixeryd-zstd", "nixeryd-zlib")
             ],
-            *[(f"`{name}`", ref["seconds"], ref["bytes"]) for name, ref in references.items()],
+            *[
+                (f"`{name}`".replace("|", "\\|"), ref["seconds"], ref["bytes"])
+                for name, ref in references.items()
+            ],
         ]
         for name, seconds, size in rows:
             print(f"| {name} | {mb / seconds:.0f} | {pigz1 / seconds:.2f}x | {size / gzip6:.3f}x |")

@@ -444,6 +444,8 @@ def daemon(log: Path, storage: Path, pkgs: Path | None, **environment: str) -> I
         "PORT": str(port),
         "STORAGE_PATH": str(storage),
         "NIXERYD_LOG_FORMAT": "json",
+        # docker-registry runs with its access log disabled too.
+        "NIXERYD_ACCESS_LOG": "false",
         **({"NIXERY_PKGS_PATH": str(pkgs)} if pkgs else {}),
         **environment,
     }

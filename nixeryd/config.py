@@ -47,6 +47,8 @@ class Config:
     platforms: tuple[Platform, ...] = field(default_factory=lambda: (host_platform(),))
     nix_bin_dir: str | None = None
     log_format: str = "text"
+    #: Log a line per request (twisted.web's combined log format).
+    access_log: bool = True
     layer_compressor: str = field(default_factory=default_compressor)
     #: None: the compressor's default level.
     layer_compression_level: int | None = None
@@ -92,6 +94,15 @@ def _non_negative_int(text: str) -> int:
     if value < 0:
         raise ValueError("must be 0 or more")
     return value
+
+
+def _boolean(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("must be true or false")
 
 
 def _one_of(*choices: str) -> Callable[[str], str]:
@@ -140,6 +151,12 @@ OPTIONS: tuple[Option, ...] = (
         ("NIXERYD_NIX_BIN_DIR",),
     ),
     Option("log_format", "text or json", ("NIXERYD_LOG_FORMAT",), _one_of("text", "json")),
+    Option(
+        "access_log",
+        "log a line per request: true or false (it halves the rate of cached answers)",
+        ("NIXERYD_ACCESS_LOG",),
+        _boolean,
+    ),
     Option(
         "layer_compressor",
         "layer compressor: isal (gzip, fast; the default where installed), zlib (gzip)"

@@ -12,6 +12,8 @@ import re
 import socket
 import ssl
 import time
+import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -62,3 +64,21 @@ def test_a_tls_handshake_is_refused_at_once(daemon: Daemon) -> None:
     ):
         context.wrap_socket(connection, server_hostname="127.0.0.1")
     assert time.monotonic() - started < 5  # clients time out after 10 s
+
+
+def test_the_access_log_can_be_turned_off(tmp_path: Path) -> None:
+    quiet = Daemon(tmp_path / "quiet", NIXERYD_ACCESS_LOG="false")
+    try:
+        with urllib.request.urlopen(f"{quiet.url}/v2/", timeout=30) as response:
+            assert response.status == 200
+    finally:
+        quiet.stop()
+    assert "GET /v2/ HTTP/1.1" not in quiet.log()
+
+
+def test_the_access_log_is_on_by_default(daemon: Daemon) -> None:
+    urllib.request.urlopen(f"{daemon.url}/v2/?probe=access-log", timeout=30).close()
+    deadline = time.monotonic() + 10  # the line is written just after the response
+    while "GET /v2/?probe=access-log HTTP/1.1" not in daemon.log():
+        assert time.monotonic() < deadline, "no access log line"
+        time.sleep(0.05)

@@ -123,3 +123,11 @@ def test_layer_compression_options_are_checked(
 ) -> None:
     with pytest.raises(ConfigError, match=message):
         load_config(cli, environ)
+
+
+def test_access_log_is_a_boolean() -> None:
+    assert load_config({}, {}).access_log is True
+    assert load_config({}, {"NIXERYD_ACCESS_LOG": "off"}).access_log is False
+    assert load_config({"access_log": "Yes"}, {"NIXERYD_ACCESS_LOG": "0"}).access_log is True
+    with pytest.raises(ConfigError, match="must be true or false"):
+        load_config({}, {"NIXERYD_ACCESS_LOG": "sometimes"})

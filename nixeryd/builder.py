@@ -97,7 +97,8 @@ class BuiltImage:
 
     platform: Platform
     manifests: Mapping[str, StoredManifest]
-    #: Built from a pinned source (a commit): the same request gets the same answer.
+    #: The tag itself names the source's content (a commit): every later request for it
+    #: gets the same answer. A branch, a git tag or ``latest`` can move, so is not pinned.
     pinned: bool = False
 
 
@@ -256,7 +257,7 @@ class ImageBuilder:
                 pin_key = self._manifest_key("pin", image.canonical, source.pin, popularity)
                 cached = yield self._cached_manifests(pin_key, image.platform)
                 if cached is not None:
-                    return replace(cached, pinned=True)
+                    return replace(cached, pinned=source.pin == tag)
             packages: list[ResolvedPackage] = yield self._nix.resolve(source, image)
             outputs = sorted(package.out_path for package in packages)
             eval_key = self._manifest_key("eval", image.canonical, "\n".join(outputs), popularity)
@@ -275,7 +276,7 @@ class ImageBuilder:
                 self._on_built(image.canonical, tag, built.manifests["docker"].digest, seconds)
             if pin_key is not None:
                 yield self._remember(pin_key, built)
-                return replace(built, pinned=True)
+                return replace(built, pinned=source.pin == tag)
             return built
         except RegistryError as error:
             self.recent_errors.append(BuildError(time.time(), image.canonical, tag, error.message))

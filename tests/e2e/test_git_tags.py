@@ -92,3 +92,19 @@ def test_each_git_tag_is_an_image_tag(git_daemon: Daemon, repo: Path, tmp_path: 
     status, _, body = fetch(git_daemon, "/v2/hello/manifests/3.0")
     assert status == 404
     assert "neither a branch, a tag nor a commit" in json.loads(body)["errors"][0]["message"]
+
+
+def test_a_moving_branch_is_not_answered_from_memory(tmp_path: Path) -> None:
+    repo = tmp_path / "moving"
+    repo.mkdir()
+    git(repo, "init", "-q", "-b", "main")
+    commit_version(repo, "1.0")
+    daemon = Daemon(tmp_path / "daemon", NIXERY_PKGS_PATH="", NIXERY_PKGS_REPO=f"file://{repo}")
+    try:
+        before = fetch(daemon, "/v2/hello/manifests/main")[1]["Docker-Content-Digest"]
+        assert fetch(daemon, "/v2/hello/manifests/main")[1]["Docker-Content-Digest"] == before
+        commit_version(repo, "1.1")
+        after = fetch(daemon, "/v2/hello/manifests/main")[1]["Docker-Content-Digest"]
+    finally:
+        daemon.stop()
+    assert after != before

@@ -11,7 +11,6 @@ import html
 import json
 import re
 import time
-from collections import OrderedDict
 from typing import Any, cast
 from urllib.parse import urlencode
 
@@ -23,6 +22,7 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
+from nixeryd.answers import SERVER, Answers, render
 from nixeryd.builder import ImageBuilder, StoredManifest
 from nixeryd.errors import (
     BlobUnknown,
@@ -69,7 +69,12 @@ class RegistryApp:
         self._builder = builder
         self._storage = storage
         self._source = source
-        self._answers = Answers()
+        self._answers = Answers([(b"Docker-Distribution-API-Version", API_VERSION)])
+
+    @property
+    def answers(self) -> Answers:
+        """The remembered responses, for the HTTP channel to serve before parsing a request."""
+        return self._answers
 
     def resource(self) -> IResource:
         """The root resource: the routes, with the API version header on every response,
@@ -114,7 +119,7 @@ class RegistryApp:
             headers.append((b"Vary", b"Accept"))
         if immutable:
             self._answers.remember(request, headers, manifest.data, by_accept=not by_digest)
-        return _answer(request, headers, manifest.data)
+        return render(request, headers, manifest.data)
 
     @inlineCallbacks
     def _manifest_by_tag(self, request: Request, image: ImageName, tag: str) -> Any:
@@ -162,7 +167,7 @@ class RegistryApp:
                     (b"Accept-Ranges", b"bytes"),
                 ]
                 self._answers.remember(request, headers, data, by_accept=False)
-                return _answer(request, headers, data)
+                return render(request, headers, data)
         return self._storage.blob_resource(info)
 
     @app.route("/v2/<path:name>/referrers/<digest>", methods=["GET", "HEAD"])
@@ -257,71 +262,10 @@ def _arg(request: Request, name: bytes) -> str | None:
 #: Blobs up to this size (configs, small layers) are answered from memory once read.
 SMALL_BLOB_SIZE = 64 * 1024
 
-#: How many bytes of remembered answers are kept (least recently used go first).
-ANSWERS_BYTES = 32 * 1024 * 1024
-
-_Headers = list[tuple[bytes, bytes]]
-
-
-class Answers:
-    """Responses that cannot change, kept in memory and served before routing.
-
-    A manifest by digest and a small blob are content-addressed; a manifest by
-    a tag the builder reports as pinned (every platform built from a commit)
-    is the same for the same ``Accept`` lines for as long as the daemon runs.
-    Serving them is a dictionary lookup: no routing, no Deferreds, no storage
-    access, no JSON. Entries are keyed by request path, and for tags by the
-    ``Accept`` lines too; a request with a ``Range`` header is never answered
-    from here.
-    """
-
-    def __init__(self, capacity: int = ANSWERS_BYTES) -> None:
-        self._capacity = capacity
-        self._size = 0
-        self._entries: OrderedDict[tuple[bytes, tuple[bytes, ...] | None], tuple[_Headers, bytes]]
-        self._entries = OrderedDict()
-
-    def remember(
-        self, request: Request, headers: _Headers, body: bytes, *, by_accept: bool
-    ) -> None:
-        if request.requestHeaders.hasHeader(b"range"):
-            return
-        key = (request.path, _accept(request) if by_accept else None)
-        if key in self._entries or len(body) > self._capacity:
-            return
-        self._entries[key] = (headers, body)
-        self._size += len(body)
-        while self._size > self._capacity:
-            _, (_, evicted) = self._entries.popitem(last=False)
-            self._size -= len(evicted)
-
-    def answer(self, request: Request) -> bytes | None:
-        """The remembered body with its headers set, or None."""
-        if request.method not in (b"GET", b"HEAD") or request.requestHeaders.hasHeader(b"range"):
-            return None
-        for key in ((request.path, None), (request.path, _accept(request))):
-            entry = self._entries.get(key)
-            if entry is not None:
-                self._entries.move_to_end(key)
-                return _answer(request, *entry)
-        return None
-
-
-def _accept(request: Request) -> tuple[bytes, ...]:
-    return tuple(request.requestHeaders.getRawHeaders(b"accept", []))
-
-
-def _answer(request: Request, headers: _Headers, body: bytes) -> bytes:
-    """Set ``headers`` and return what to render: no body for HEAD, as twisted.web logs
-    every HEAD response that carries one (at the cost of formatting the request)."""
-    for name, value in headers:
-        request.setHeader(name, value)
-    return b"" if request.method == b"HEAD" else body
-
 
 class _WithApiVersion(Resource):
-    """Adds ``Docker-Distribution-API-Version`` to every response, errors included, and
-    serves remembered answers without routing."""
+    """Adds ``Docker-Distribution-API-Version`` and nixeryd's ``Server`` banner to every
+    response, errors included, and serves remembered answers without routing."""
 
     isLeaf = True
 
@@ -332,6 +276,7 @@ class _WithApiVersion(Resource):
 
     def render(self, request: Request) -> Any:
         request.setHeader(b"Docker-Distribution-API-Version", API_VERSION)
+        request.setHeader(b"Server", SERVER)
         answer = self._answers.answer(request)
         if answer is not None:
             return answer

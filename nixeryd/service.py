@@ -140,7 +140,7 @@ def _layer_pool_runner(reactor: Any, size: int) -> Callable[[Callable[[], Any]],
 def make_service(config: Config, reactor: Any, **overrides: Any) -> MultiService:
     """The daemon's service tree: one listening service per configured endpoint."""
     registry = make_registry(config, reactor, **overrides)
-    site = RegistrySite(registry.resource(), access_log=config.access_log)
+    site = RegistrySite(registry.resource(), registry.answers, access_log=config.access_log)
     root = MultiService()
     for endpoint in config.listen:
         endpoint_service(endpoint, site, reactor=reactor).setServiceParent(root)  # type: ignore[arg-type]

@@ -8,16 +8,28 @@ timeout (10 s for podman, skopeo and Docker) on every pull. Go's HTTP server
 answers such a probe at once; so does this one: a connection whose first byte
 is a TLS handshake record gets a 400 and is closed, and the client falls back
 immediately.
+
+Answers that cannot change (:mod:`nixeryd.answers`) are written by the
+channel itself: a GET or HEAD that arrives whole on an idle keep-alive
+connection and asks for nothing that needs twisted.web (no body, no range,
+no ``Connection`` change) is looked up by path and ``Accept`` lines and
+answered with pre-rendered bytes. Building a twisted.web ``Request``,
+parsing its headers into ``Headers`` and rendering the response costs twice
+as much as everything else a cached answer needs; every other request takes
+the usual way, so behaviour does not depend on which path answered.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.web.http import HTTPChannel
 from twisted.web.http import Request as HTTPRequest
 from twisted.web.resource import IResource
 from twisted.web.server import Site
+
+from nixeryd.answers import Answers
 
 #: The content type of a TLS handshake record (RFC 8446, section 5.1).
 _TLS_HANDSHAKE_RECORD = 0x16
@@ -32,9 +44,26 @@ _TLS_ON_PLAIN_HTTP = (
 )
 
 
-class RegistryChannel(HTTPChannel):
-    """An HTTP/1.1 channel that turns away TLS handshakes at once."""
+#: Request headers that need twisted.web's handling: a body, a range, a change of
+#: connection or protocol. A request carrying any of them is never answered from memory.
+_NEEDS_TWISTED = frozenset(
+    (
+        b"content-length",
+        b"transfer-encoding",
+        b"range",
+        b"if-range",
+        b"connection",
+        b"expect",
+        b"upgrade",
+    )
+)
 
+
+class RegistryChannel(HTTPChannel):
+    """An HTTP/1.1 channel that turns away TLS handshakes at once and writes remembered
+    answers itself."""
+
+    site: RegistrySite
     _first_data = True
 
     def dataReceived(self, data: bytes) -> None:
@@ -45,7 +74,91 @@ class RegistryChannel(HTTPChannel):
                 transport.write(_TLS_ON_PLAIN_HTTP)
                 transport.loseConnection()
                 return
+        if self._idle() and self._answer_from_memory(data):
+            self.resetTimeout()
+            return
         super().dataReceived(data)
+
+    def _idle(self) -> bool:
+        """True between requests: nothing in progress, buffered or half-parsed.
+
+        Only then may a response be written without going through the channel,
+        which would otherwise answer pipelined requests out of order. The
+        request-line state is HTTPChannel's private attribute; if a Twisted
+        release renames it, this is False and every request takes the usual way.
+        """
+        return (
+            not self.requests
+            and not self._handlingRequest
+            and not self._waitingForTransport
+            and bool(self.persistent)
+            and bool(self.line_mode)
+            and not self._buffer
+            and getattr(self, "_HTTPChannel__first_line", None) == 1
+        )
+
+    def _answer_from_memory(self, data: bytes) -> bool:
+        """Write the remembered response to ``data`` if it is one whole, plain GET or HEAD."""
+        end = data.find(b"\r\n\r\n")
+        if end < 0 or end + 4 != len(data) or end > self.totalHeadersSize:
+            return False
+        lines = data[:end].split(b"\r\n")
+        request_line = lines[0].split(b" ")
+        if len(request_line) != 3 or request_line[2] != b"HTTP/1.1":
+            return False
+        method, uri, _ = request_line
+        if method != b"GET" and method != b"HEAD":
+            return False
+        accept: list[bytes] = []
+        headers: dict[bytes, bytes] = {}
+        for line in lines[1:]:
+            name, colon, value = line.partition(b":")
+            if not colon or not name or name[0] in b" \t" or name[-1] in b" \t":
+                return False  # folded, malformed or padded: let twisted.web judge it
+            name = name.lower()
+            if name in _NEEDS_TWISTED:
+                return False
+            value = value.strip(b" \t")
+            if name == b"accept":
+                accept.append(value)
+            else:
+                headers.setdefault(name, value)
+        answer = self.site.answers.response(method, uri.partition(b"?")[0], accept)
+        if answer is None:
+            return False
+        response, body_length = answer
+        transport: Any = self.transport
+        transport.write(response)
+        if self.site.access_log:
+            self.site.log(_Answered(self, method, uri, headers, body_length))
+        return True
+
+
+class _Answered:
+    """What the access log formatter reads of a request answered from memory."""
+
+    code = 200
+    clientproto = b"HTTP/1.1"
+
+    def __init__(
+        self,
+        channel: HTTPChannel,
+        method: bytes,
+        uri: bytes,
+        headers: dict[bytes, bytes],
+        sent: int,
+    ) -> None:
+        self.channel = channel
+        self.method = method
+        self.uri = uri
+        self._headers = headers
+        self.sentLength = sent
+
+    def getHeader(self, name: bytes) -> bytes | None:
+        return self._headers.get(name.lower())
+
+    def getClientAddress(self) -> IPv4Address | IPv6Address | Any:
+        return self.channel.getPeer()
 
 
 class RegistrySite(Site):
@@ -59,10 +172,11 @@ class RegistrySite(Site):
     protocol = RegistryChannel  # type: ignore[assignment]
     displayTracebacks = False
 
-    def __init__(self, resource: IResource, *, access_log: bool = True) -> None:
+    def __init__(self, resource: IResource, answers: Answers, *, access_log: bool = True) -> None:
         super().__init__(resource)
-        self._access_log = access_log
+        self.answers = answers
+        self.access_log = access_log
 
-    def log(self, request: HTTPRequest) -> None:
-        if self._access_log:
-            super().log(request)
+    def log(self, request: HTTPRequest | _Answered) -> None:
+        if self.access_log:
+            super().log(request)  # type: ignore[arg-type]

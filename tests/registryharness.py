@@ -72,7 +72,7 @@ class Harness(MemoryHTTP):
             platforms=platforms,
             **options,
         )
-        registry = make_registry(
+        self.registry = make_registry(
             config,
             self.daemon_clock,
             plugins=Plugins(make_plugin_manager(load_entrypoints=False)),
@@ -80,7 +80,7 @@ class Harness(MemoryHTTP):
             processes=self.processes,
             run_in_thread=maybeDeferred,
         )
-        super().__init__(registry.resource(), monkeypatch)
+        super().__init__(self.registry.resource(), monkeypatch)
 
     def get(self, path: str, **kwargs: Any) -> tuple[Any, bytes]:
         return self.request("GET", "http://registry" + path, **kwargs)

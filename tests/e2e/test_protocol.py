@@ -82,3 +82,43 @@ def test_the_access_log_is_on_by_default(daemon: Daemon) -> None:
     while "GET /v2/?probe=access-log HTTP/1.1" not in daemon.log():
         assert time.monotonic() < deadline, "no access log line"
         time.sleep(0.05)
+
+
+def test_remembered_answers_on_one_keep_alive_connection(daemon: Daemon) -> None:
+    """Answers the channel writes itself interleave with twisted.web's on one connection,
+    each whole and in order, and each gets its access log line."""
+    with urllib.request.urlopen(f"{daemon.url}/v2/hello/manifests/latest", timeout=120) as tagged:
+        manifest = tagged.read()
+        digest = tagged.headers["Docker-Content-Digest"]
+    by_digest = f"/v2/hello/manifests/{digest}".encode()
+    request = b"GET %s HTTP/1.1\r\nHost: r\r\nUser-Agent: keep-alive-probe\r\n\r\n"
+    head = b"HEAD %s HTTP/1.1\r\nHost: r\r\n\r\n" % by_digest
+    with socket.create_connection(("127.0.0.1", daemon.port), timeout=30) as connection:
+        replies = [
+            _one_response(connection, raw, expect_body=not raw.startswith(b"HEAD"))
+            for raw in (request % by_digest, request % b"/v2/", request % by_digest, head)
+        ]
+    assert [reply[0] for reply in replies] == [b"HTTP/1.1 200 OK"] * 4
+    assert replies[0][1] == replies[2][1] == manifest
+    assert replies[1][1] == b"{}"
+    assert replies[3][1] == b""
+    line = f'"GET /v2/hello/manifests/{digest} HTTP/1.1" 200 {len(manifest)}'
+    deadline = time.monotonic() + 10
+    while daemon.log().count(line) < 2:
+        assert time.monotonic() < deadline, "an answer from memory was not logged"
+        time.sleep(0.05)
+
+
+def _one_response(
+    connection: socket.socket, raw: bytes, *, expect_body: bool
+) -> tuple[bytes, bytes]:
+    """Send one request; the status line and the body of its response, read by its length."""
+    connection.sendall(raw)
+    received = b""
+    while b"\r\n\r\n" not in received:
+        received += connection.recv(65536)
+    head, _, body = received.partition(b"\r\n\r\n")
+    length = int(re.search(rb"(?i)content-length: (\d+)", head).group(1))  # type: ignore[union-attr]
+    while expect_body and len(body) < length:
+        body += connection.recv(65536)
+    return head.split(b"\r\n")[0], body

@@ -1,0 +1,196 @@
+"""The HTTP channel: remembered answers written without twisted.web's Request, the same
+bytes either way, and every request it cannot answer whole left to twisted.web."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+from typing import Any
+
+import pytest
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import StringTransport
+from twisted.web.server import Request
+
+from nixeryd.site import RegistryChannel, RegistrySite
+from tests.registryharness import FakeNix, Harness, RegistryFactory, building
+
+
+class Server:
+    """A RegistrySite over a harness's registry, spoken to one connection at a time."""
+
+    def __init__(self, registry: Harness, *, access_log: bool = False) -> None:
+        self.site = RegistrySite(
+            registry.registry.resource(), registry.registry.answers, access_log=access_log
+        )
+        self.log = io.StringIO()
+        self.site.startFactory()
+        self.site._logFile = self.log
+        self.requests = 0
+        self.site.requestFactory = self._counting  # type: ignore[assignment]
+
+    def _counting(self, *args: Any) -> Request:
+        self.requests += 1
+        return Request(*args)
+
+    def connect(self) -> tuple[RegistryChannel, StringTransport]:
+        channel = self.site.buildProtocol(IPv4Address("TCP", "10.0.0.7", 5555))
+        assert isinstance(channel, RegistryChannel)
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.7", 5555))
+        channel.makeConnection(transport)
+        return channel, transport
+
+    def exchange(self, *pieces: bytes) -> bytes:
+        channel, transport = self.connect()
+        for piece in pieces:
+            channel.dataReceived(piece)
+        response = transport.value()
+        channel.connectionLost(None)  # type: ignore[arg-type]
+        return response
+
+
+def parse(response: bytes) -> tuple[bytes, dict[bytes, bytes], bytes]:
+    """Status line, headers (lower-cased names, Date left out) and body of one response."""
+    head, _, body = response.partition(b"\r\n\r\n")
+    status, *lines = head.split(b"\r\n")
+    headers = {}
+    for line in lines:
+        name, _, value = line.partition(b": ")
+        if name.lower() != b"date":
+            headers[name.lower()] = value
+    return status, headers, body
+
+
+@pytest.fixture
+def served(registry_with: RegistryFactory, nix: FakeNix) -> tuple[Harness, list[str]]:
+    """A registry that has served a manifest by digest and its config blob once, so both
+    are remembered; and their paths."""
+    registry = registry_with(*building(nix))
+    _, body = registry.get("/v2/hello/manifests/latest")
+    digest = "sha256:" + hashlib.sha256(body).hexdigest()
+    paths = [
+        f"/v2/hello/manifests/{digest}",
+        f"/v2/hello/blobs/{json.loads(body)['config']['digest']}",
+    ]
+    for path in paths:
+        assert registry.get(path)[0].code == 200
+    return registry, paths
+
+
+def get(path: str, *headers: str, method: str = "GET", version: str = "HTTP/1.1") -> bytes:
+    lines = [f"{method} {path} {version}", "Host: registry", *headers]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+def test_a_remembered_answer_is_written_without_a_request_and_as_twisted_web_would(
+    served: tuple[Harness, list[str]], method: str
+) -> None:
+    registry, paths = served
+    server = Server(registry)
+    for path in paths:
+        raw = get(path, "User-Agent: test", method=method)
+        fast = server.exchange(raw)
+        assert server.requests == 0
+        # The same request in two pieces is not whole when it arrives: twisted.web answers.
+        usual = server.exchange(raw[:10], raw[10:])
+        assert server.requests == 1
+        server.requests = 0
+        assert parse(fast) == parse(usual)
+        status, headers, body = parse(fast)
+        assert status == b"HTTP/1.1 200 OK"
+        assert headers[b"server"] == b"nixeryd"
+        assert headers[b"docker-distribution-api-version"] == b"registry/2.0"
+        assert len(body) == (0 if method == "HEAD" else int(headers[b"content-length"]))
+        assert b"Date: " in fast
+
+
+@pytest.mark.parametrize(
+    "headers, version",
+    [
+        (["Range: bytes=0-1"], "HTTP/1.1"),
+        (["Connection: close"], "HTTP/1.1"),
+        (["Content-Length: 0"], "HTTP/1.1"),
+        (["Transfer-Encoding: chunked"], "HTTP/1.1"),
+        (["Expect: 100-continue"], "HTTP/1.1"),
+        (["X-Folded: a", " b"], "HTTP/1.1"),
+        (["Bad : padded"], "HTTP/1.1"),
+        (["no colon"], "HTTP/1.1"),
+        ([], "HTTP/1.0"),
+    ],
+)
+def test_requests_that_need_twisted_web_are_left_to_it(
+    served: tuple[Harness, list[str]], headers: list[str], version: str
+) -> None:
+    registry, paths = served
+    server = Server(registry)
+    raw = get(paths[0], *headers, version=version)
+    if "Transfer-Encoding: chunked" in headers:
+        raw += b"0\r\n\r\n"
+    server.exchange(raw)
+    assert server.requests == 1
+
+
+def test_methods_other_than_get_and_head_and_unknown_paths_are_left_to_twisted_web(
+    served: tuple[Harness, list[str]],
+) -> None:
+    registry, paths = served
+    server = Server(registry)
+    assert parse(server.exchange(get(paths[0], method="DELETE")))[0].startswith(b"HTTP/1.1 405")
+    unknown = get("/v2/hello/manifests/sha256:" + "0" * 64)
+    assert parse(server.exchange(unknown))[0] == b"HTTP/1.1 404 Not Found"
+    assert server.requests == 2
+
+
+def test_pipelined_requests_are_answered_in_order(served: tuple[Harness, list[str]]) -> None:
+    registry, paths = served
+    server = Server(registry)
+    unknown = "/v2/hello/blobs/sha256:" + "1" * 64
+    response = server.exchange(get(paths[0]) + get(unknown) + get(paths[1]))
+    statuses = re.findall(rb"HTTP/1\.1 \d{3} [^\r]*", response)
+    assert statuses == [b"HTTP/1.1 200 OK", b"HTTP/1.1 404 Not Found", b"HTTP/1.1 200 OK"]
+
+
+def test_keep_alive_requests_after_a_usual_one_are_answered_from_memory(
+    served: tuple[Harness, list[str]],
+) -> None:
+    registry, paths = served
+    server = Server(registry)
+    channel, transport = server.connect()
+    channel.dataReceived(get("/v2/"))
+    channel.dataReceived(get(paths[0]))
+    channel.dataReceived(get(paths[1]))
+    assert server.requests == 1
+    assert transport.value().count(b"HTTP/1.1 200 OK") == 3
+    assert not transport.disconnecting
+
+
+def test_tls_handshake_is_turned_away(served: tuple[Harness, list[str]]) -> None:
+    registry, _ = served
+    channel, transport = Server(registry).connect()
+    channel.dataReceived(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")
+    assert transport.value().startswith(b"HTTP/1.0 400 Bad Request")
+    assert transport.disconnecting
+
+
+def test_the_access_log_has_the_same_line_either_way(served: tuple[Harness, list[str]]) -> None:
+    registry, paths = served
+    server = Server(registry, access_log=True)
+    raw = get(paths[0], "User-Agent: docker/20.10", "Referer: http://x/")
+    server.exchange(raw)
+    server.exchange(raw[:10], raw[10:])
+    fast, usual = server.log.getvalue().splitlines()
+    assert fast == usual
+    assert '"10.0.0.7"' in fast
+    assert f'"GET {paths[0]} HTTP/1.1" 200 ' in fast
+    assert fast.endswith('"http://x/" "docker/20.10"')
+
+
+def test_no_access_log_line_when_it_is_off(served: tuple[Harness, list[str]]) -> None:
+    registry, paths = served
+    server = Server(registry, access_log=False)
+    server.exchange(get(paths[0]))
+    server.exchange(get("/v2/"))
+    assert server.log.getvalue() == ""

@@ -290,16 +290,21 @@ class Bench:
                 ("large blob GET", f"/v2/all/blobs/{largest['digest']}", None, "GET", 8),
             ]
             for name, our_path, their_path, method, connections in scenarios:
-                their_path = their_path or our_path
-                results[name] = {
-                    "connections": connections,
-                    "nixeryd": wrk(ours.url + our_path, method, connections, self.scale),
-                    "docker-registry": wrk(
-                        theirs.url + their_path, method, connections, self.scale
-                    ),
-                }
+                urls = {"nixeryd": ours.url + our_path, "docker-registry": theirs.url}
+                urls["docker-registry"] += their_path or our_path
+                # The two take turns, so that a burst of load elsewhere on a shared
+                # machine weighs on both rather than on one.
+                runs: dict[str, list[dict[str, float]]] = {server: [] for server in urls}
+                for _ in range(self.scale.repeats):
+                    for server, url in urls.items():
+                        runs[server].append(wrk(url, method, connections, self.scale))
+                results[name] = {"connections": connections}
+                results[name].update({server: _medians(runs[server]) for server in runs})
         print("\n## Serving (wrk with 1 thread, ab for HEAD; nixeryd / docker-registry ratios)")
-        print(f"Large blob: {largest['size'] / 1e6:.1f} MB; {self.scale.wrk_seconds} s per run.\n")
+        print(
+            f"Large blob: {largest['size'] / 1e6:.1f} MB; {self.scale.wrk_seconds} s per run;"
+            f" each figure the median of {self.scale.repeats} runs, the servers taking turns.\n"
+        )
         print(
             "| request | clients | nixeryd req/s | registry req/s | req/s ratio | MB/s ratio"
             " | nixeryd p99 ms | registry p99 ms | p99 ratio |"
@@ -359,6 +364,11 @@ class Bench:
             f" {result['mbps']:.0f} |"
         )
         return {"rss_before_mb": before / 1024, "peak_rss_mb": peak / 1024, **result}
+
+
+def _medians(runs: list[dict[str, float]]) -> dict[str, float]:
+    """Each measure's median over ``runs``."""
+    return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
 
 
 def _median_build(builds: list[dict[str, Any]]) -> dict[str, Any]:

@@ -14,9 +14,10 @@ channel itself: a GET or HEAD that arrives whole on an idle keep-alive
 connection and asks for nothing that needs twisted.web (no body, no range,
 no ``Connection`` change) is looked up by path and ``Accept`` lines and
 answered with pre-rendered bytes. Building a twisted.web ``Request``,
-parsing its headers into ``Headers`` and rendering the response costs twice
-as much as everything else a cached answer needs; every other request takes
-the usual way, so behaviour does not depend on which path answered.
+parsing its headers into ``Headers`` and rendering the response was three
+fifths of a cached answer's cost (about 30 of 50 us here). Every other
+request takes the usual way, and both ways give the same bytes, so
+behaviour does not depend on which path answered.
 """
 
 from __future__ import annotations

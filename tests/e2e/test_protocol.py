@@ -3,11 +3,16 @@
 Request bodies must be drained so that the next request on a keep-alive
 connection is read from the right place; a TLS handshake on the plain HTTP
 port is turned away at once so that clients fall back to HTTP without
-waiting out a timeout.
+waiting out a timeout; a large blob, written straight into the socket,
+leaves the connection ready for the next response.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import http.client
+import os
 import re
 import socket
 import ssl
@@ -17,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from nixeryd.builtin.filesystem import FilesystemStorage
 from tests.e2e.conftest import Daemon
 
 pytestmark = pytest.mark.e2e
@@ -122,3 +128,54 @@ def _one_response(
     while expect_body and len(body) < length:
         body += connection.recv(65536)
     return head.split(b"\r\n")[0], body
+
+
+def test_a_large_blob_from_disk_keeps_the_connection_in_step(tmp_path: Path) -> None:
+    data = os.urandom(20 * 1024 * 1024 + 17)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    workdir = tmp_path / "large"
+    staged = FilesystemStorage(workdir / "storage").stage_blob()
+    staged.file.write(data)
+    staged.commit(digest, "application/vnd.oci.image.layer.v1.tar+gzip")
+    blob_file = (workdir / "storage/blobs/sha256" / digest.removeprefix("sha256:")).resolve()
+    path = f"/v2/nope/blobs/{digest}"
+    daemon = Daemon(workdir)
+    try:
+        connection = http.client.HTTPConnection("127.0.0.1", daemon.port, timeout=30)
+        bodies = []
+        for headers in ({}, {"Range": "bytes=1000-2999999"}, {}):
+            connection.request("GET", path, headers=headers)
+            response = connection.getresponse()
+            bodies.append((response.status, response.read()))
+            assert not response.will_close
+        connection.close()
+        assert bodies == [(200, data), (206, data[1000:3_000_000]), (200, data)]
+
+        # A client that leaves halfway, with a window too small for the daemon to be done.
+        with socket.socket() as leaving:
+            leaving.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+            leaving.settimeout(30)
+            leaving.connect(("127.0.0.1", daemon.port))
+            leaving.sendall(f"GET {path} HTTP/1.1\r\nHost: r\r\n\r\n".encode())
+            received = 0
+            while received < 1024 * 1024:
+                received += len(leaving.recv(65536))
+
+        with urllib.request.urlopen(daemon.url + path, timeout=30) as response:
+            assert response.read() == data
+        deadline = time.monotonic() + 10
+        while _descriptors_on(daemon.process.pid, blob_file):
+            assert time.monotonic() < deadline, "the daemon keeps the blob file open"
+            time.sleep(0.05)
+    finally:
+        daemon.stop()
+    assert "Traceback" not in daemon.log()
+
+
+def _descriptors_on(pid: int, path: Path) -> int:
+    """How many file descriptors of process ``pid`` are open on ``path``."""
+    count = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):  # closed since the listing
+            count += os.readlink(f"/proc/{pid}/fd/{fd}") == str(path)
+    return count

@@ -1,30 +1,51 @@
-"""FilesystemStorage: round trips, crash safety, name validation and blob serving over HTTP."""
+"""FilesystemStorage: round trips, crash safety, name validation and blob serving over HTTP.
+
+Blob serving is tested in memory (StubTreq, where the body goes through
+_FileRangeProducer) and on real TCP sockets (where _SocketBody writes it into the socket).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import io
 import json
 import os
+import socket
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 import pytest
+import pytest_twisted
+from twisted.internet import reactor
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionLost
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
+from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from twisted.python.failure import Failure
+from twisted.web.http import Request as HTTPRequest
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
+from twisted.web.resource import Resource
+from zope.interface import provider
 
+from nixeryd.answers import Answers
 from nixeryd.builtin.filesystem import (
     _CHUNK_SIZE,
+    _SEND_PIECE,
     NAME,
     FilesystemStorage,
     _FileRangeProducer,
+    _SocketBody,
 )
 from nixeryd.errors import DigestInvalid
+from nixeryd.site import RegistrySite
 from nixeryd.storage import BlobInfo, Storage
 from tests.memoryhttp import MemoryHTTP
 
@@ -523,3 +544,510 @@ def test_producer_drops_connection_when_file_is_short() -> None:
     assert request.lost
     assert not request.finished
     assert file.closed
+
+
+def test_in_memory_transport_gets_the_file_range_producer(
+    http: BlobClient, storage: FilesystemStorage, pieces: list[int]
+) -> None:
+    """_SocketBody needs a TCP socket: other transports get the body from _FileRangeProducer."""
+    data = os.urandom(3 * _CHUNK_SIZE + 5)
+    large = result(storage.put_blob(data, LAYER))
+    reply = http.fetch(large)
+    assert (reply.code, reply.body) == (200, data)
+    assert pieces == []
+
+
+# Serving on real sockets: _SocketBody
+
+
+@pytest.fixture
+def pieces(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The size of each piece _SocketBody read (os.pread), in order."""
+    sizes: list[int] = []
+    real = os.pread
+
+    def spy(fd: int, length: int, offset: int) -> bytes:
+        data = real(fd, length, offset)
+        sizes.append(len(data))
+        return data
+
+    monkeypatch.setattr(os, "pread", spy)
+    return sizes
+
+
+@dataclass(frozen=True)
+class Logged:
+    path: bytes
+    code: int
+    sent: int
+
+
+class RecordingSite(RegistrySite):
+    """The daemon's site, recording the access log's fields of every finished response."""
+
+    def __init__(self, resource: Resource) -> None:
+        super().__init__(resource, Answers([]), access_log=False)
+        self.logged: list[Logged] = []
+
+    def log(self, request: HTTPRequest) -> None:
+        self.logged.append(Logged(request.uri, request.code, request.sentLength))
+
+
+class BlobServer:
+    """Blobs served by the daemon's site on a real TCP port, at ``/<name>``."""
+
+    def __init__(self, storage: FilesystemStorage) -> None:
+        self._storage = storage
+        self._root = Resource()
+        self.site = RecordingSite(self._root)
+        self._port: Any = reactor.listenTCP(0, self.site, interface="127.0.0.1")
+        self.port: int = self._port.getHost().port
+
+    def add(self, name: str, info: BlobInfo) -> str:
+        self._root.putChild(name.encode(), self._storage.blob_resource(info))
+        return f"/{name}"
+
+    def stop(self) -> Deferred[None]:
+        return self._port.stopListening()  # type: ignore[no-any-return]
+
+
+@pytest_twisted.async_yield_fixture
+async def server(storage: FilesystemStorage) -> AsyncIterator[BlobServer]:
+    instance = BlobServer(storage)
+    yield instance
+    await instance.stop()
+
+
+@dataclass(frozen=True)
+class Response:
+    code: int
+    headers: dict[str, str]
+    body: bytes
+
+
+class RawHTTP:
+    """A blocking HTTP/1.1 client on one connection; run it in a thread while the reactor serves.
+
+    Raw rather than http.client so that a test can pipeline requests, stop
+    reading halfway, or keep its receive window small.
+    """
+
+    def __init__(self, port: int, *, receive_buffer: int | None = None) -> None:
+        self.socket = socket.socket()
+        if receive_buffer is not None:
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+        self.socket.settimeout(30)
+        self.socket.connect(("127.0.0.1", port))
+        self._reader = self.socket.makefile("rb")
+
+    def send(self, path: str, headers: dict[str, str] | None = None) -> None:
+        lines = [f"GET {path} HTTP/1.1", "Host: registry.test"]
+        lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
+        self.socket.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+
+    def read_head(self) -> tuple[int, dict[str, str]]:
+        status = self._reader.readline().split()
+        assert status[:1] == [b"HTTP/1.1"], status
+        headers: dict[str, str] = {}
+        while (line := self._reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode().partition(":")
+            headers[name.strip().lower()] = value.strip()
+        return int(status[1]), headers
+
+    def read(self, size: int) -> bytes:
+        """Up to ``size`` bytes of the body: fewer only if the server closed the connection."""
+        return self._reader.read(size)
+
+    def read_response(self) -> Response:
+        code, headers = self.read_head()
+        body = self.read(int(headers["content-length"]))
+        return Response(code, headers, body)
+
+    def get(self, path: str, headers: dict[str, str] | None = None) -> Response:
+        self.send(path, headers)
+        return self.read_response()
+
+    def close(self) -> None:
+        self._reader.close()
+        self.socket.close()
+
+
+def fetch(port: int, path: str, headers: dict[str, str] | None = None) -> Response:
+    """One GET on a new connection (blocking)."""
+    client = RawHTTP(port)
+    try:
+        return client.get(path, headers)
+    finally:
+        client.close()
+
+
+# Larger than the socket buffers on both sides together, and not a multiple of a piece.
+BIG_SIZE = 20 * 1024 * 1024 + 17
+
+
+@pytest.fixture(scope="module")
+def big_data() -> bytes:
+    return os.urandom(BIG_SIZE)
+
+
+@pytest.fixture
+def big(storage: FilesystemStorage, big_data: bytes) -> BlobInfo:
+    staged = storage.stage_blob()
+    staged.file.write(big_data)
+    return result(staged.commit(digest_of(big_data), LAYER))
+
+
+def blob_file(tmp_path: Path, info: BlobInfo) -> Path:
+    return (tmp_path / "blobs/sha256" / info.digest.removeprefix("sha256:")).resolve()
+
+
+def open_descriptors(path: Path) -> int:
+    """How many file descriptors of this process are open on ``path``."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # closed since the listing
+            count += os.readlink(f"/proc/self/fd/{fd}") == str(path)
+    return count
+
+
+async def eventually(condition: Callable[[], bool], seconds: float = 10) -> None:
+    """Let the reactor run until ``condition()`` holds."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "condition never held"
+        await deferLater(reactor, 0.02, lambda: None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_socket_body_serves_a_large_blob_whole_and_in_a_range(
+    server: BlobServer, big: BlobInfo, big_data: bytes, pieces: list[int]
+) -> None:
+    path = server.add("big", big)
+    whole = await deferToThread(fetch, server.port, path)
+    assert whole.code == 200
+    assert whole.headers["content-length"] == str(BIG_SIZE)
+    assert whole.headers["docker-content-digest"] == big.digest
+    assert whole.body == big_data
+    # Straight into the socket (a piece the socket takes in part is partly read again).
+    assert sum(pieces) >= BIG_SIZE
+    assert max(pieces) <= _SEND_PIECE
+
+    start, end = 3 * 1024 * 1024 + 5, 17 * 1024 * 1024
+    part = await deferToThread(fetch, server.port, path, {"Range": f"bytes={start}-{end - 1}"})
+    assert part.code == 206
+    assert part.headers["content-range"] == f"bytes {start}-{end - 1}/{BIG_SIZE}"
+    assert part.body == big_data[start:end]
+    # The access log reports the body bytes sent.
+    assert server.site.logged == [
+        Logged(b"/big", 200, BIG_SIZE),
+        Logged(b"/big", 206, end - start),
+    ]
+
+
+@pytest_twisted.ensureDeferred
+async def test_responses_follow_each_other_on_one_connection(
+    server: BlobServer,
+    big: BlobInfo,
+    big_data: bytes,
+    info: BlobInfo,
+    pieces: list[int],
+) -> None:
+    """Headers go out before their body, and each body before the next response."""
+    big_path, small_path = server.add("big", big), server.add("small", info)
+
+    def in_turn_then_pipelined() -> list[Response]:
+        client = RawHTTP(server.port)
+        try:
+            responses = [client.get(big_path), client.get(small_path), client.get(big_path)]
+            # Pipelined: the second request is read while the first body is being sent.
+            client.send(big_path, {"Range": "bytes=-1000"})
+            client.send(big_path)
+            client.send(small_path)
+            responses += [client.read_response() for _ in range(3)]
+            return responses
+        finally:
+            client.close()
+
+    responses = await deferToThread(in_turn_then_pipelined)
+    bodies = [big_data, DATA, big_data, big_data[-1000:], big_data, DATA]
+    assert [r.code for r in responses] == [200, 200, 200, 206, 200, 200]
+    assert [r.body == body for r, body in zip(responses, bodies, strict=True)] == [True] * 6
+    assert sum(pieces) >= sum(map(len, bodies))
+    assert [logged.sent for logged in server.site.logged] == list(map(len, bodies))
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_leaving_mid_download_leaves_the_server_serving(
+    server: BlobServer, big: BlobInfo, big_data: bytes, tmp_path: Path, pieces: list[int]
+) -> None:
+    path = server.add("big", big)
+
+    def leave_after_a_megabyte() -> None:
+        # A small receive window: the server cannot have sent it all when the client leaves.
+        client = RawHTTP(server.port, receive_buffer=64 * 1024)
+        client.send(path)
+        code, _ = client.read_head()
+        assert code == 200
+        assert len(client.read(1024 * 1024)) == 1024 * 1024
+        client.close()  # with unread data: the kernel resets the connection
+
+    await deferToThread(leave_after_a_megabyte)
+    await eventually(lambda: open_descriptors(blob_file(tmp_path, big)) == 0)
+    assert server.site.logged == []  # the response never finished
+    assert pieces
+
+    again = await deferToThread(fetch, server.port, path)
+    assert (again.code, again.body == big_data) == (200, True)
+    await eventually(lambda: open_descriptors(blob_file(tmp_path, big)) == 0)
+
+
+@pytest_twisted.ensureDeferred
+async def test_twenty_concurrent_downloads(
+    server: BlobServer, big: BlobInfo, big_data: bytes, tmp_path: Path, pieces: list[int]
+) -> None:
+    path = server.add("big", big)
+
+    def download(index: int) -> tuple[int, bool]:
+        # Every other client asks for a range: several offsets into one file at once.
+        start = index * 1000 if index % 2 else 0
+        response = fetch(server.port, path, {"Range": f"bytes={start}-"} if start else None)
+        return response.code, response.body == big_data[start:]
+
+    def all_at_once() -> list[tuple[int, bool]]:
+        with ThreadPoolExecutor(20) as pool:
+            return list(pool.map(download, range(20)))
+
+    outcomes = await deferToThread(all_at_once)
+    assert outcomes == [(206 if i % 2 else 200, True) for i in range(20)]
+    assert sum(pieces) >= sum(BIG_SIZE - (i * 1000 if i % 2 else 0) for i in range(20))
+    assert sorted(logged.sent for logged in server.site.logged) == sorted(
+        BIG_SIZE - (i * 1000 if i % 2 else 0) for i in range(20)
+    )
+    await eventually(lambda: open_descriptors(blob_file(tmp_path, big)) == 0)
+
+
+@pytest.fixture
+def log_events() -> Iterator[list[LogEvent]]:
+    """The events logged through twisted.logger during the test."""
+    events: list[LogEvent] = []
+
+    @provider(ILogObserver)
+    def observe(event: LogEvent) -> None:
+        events.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    yield events
+    globalLogPublisher.removeObserver(observe)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_blob_file_cut_short_ends_the_connection(
+    server: BlobServer,
+    big: BlobInfo,
+    big_data: bytes,
+    tmp_path: Path,
+    pieces: list[int],
+    log_events: list[LogEvent],
+) -> None:
+    path = server.add("big", big)
+    cut = 10 * 1024 * 1024
+
+    def read_a_damaged_blob() -> tuple[int, bytes]:
+        client = RawHTTP(server.port, receive_buffer=64 * 1024)
+        try:
+            client.send(path)
+            code, headers = client.read_head()
+            assert headers["content-length"] == str(BIG_SIZE)
+            # The server has sent at most its socket buffer (4 MB) and our window.
+            os.truncate(blob_file(tmp_path, big), cut)
+            return code, client.read(BIG_SIZE)
+        finally:
+            client.close()
+
+    code, body = await deferToThread(read_a_damaged_blob)
+    assert code == 200
+    assert body == big_data[:cut]  # then the connection closed
+    early = [e for e in log_events if e["log_format"] == "blob file ended {missing} bytes early"]
+    assert [event["missing"] for event in early] == [BIG_SIZE - cut]
+    assert server.site.logged == []
+    await eventually(lambda: open_descriptors(blob_file(tmp_path, big)) == 0)
+
+
+# _SocketBody driven by hand, over a socket pair
+
+
+class PairTransport:
+    """Just enough of a tcp.Connection, over one end of a socket pair: a write buffer in
+    the attributes _unsent reads, and the writing switch the reactor would follow."""
+
+    def __init__(self, end: socket.socket) -> None:
+        end.setblocking(False)
+        self.socket = end
+        self.dataBuffer = b""
+        self.offset = 0
+        self._tempDataLen = 0
+        self.connected = True
+        self.disconnecting = False
+        self.writing = False
+
+    def getHandle(self) -> socket.socket:
+        return self.socket
+
+    def startWriting(self) -> None:
+        self.writing = True
+
+    def stopWriting(self) -> None:
+        self.writing = False
+
+    def write(self, data: bytes) -> None:
+        self.dataBuffer += data
+        self.startWriting()
+
+    def doWrite(self) -> None:
+        self.offset += self.socket.send(self.dataBuffer[self.offset :])
+        if self.offset == len(self.dataBuffer):
+            self.dataBuffer, self.offset = b"", 0
+            self.stopWriting()
+
+
+class PairRequest(RecordingRequest):
+    """A request whose first write queues its headers on the transport."""
+
+    def __init__(self, transport: PairTransport) -> None:
+        super().__init__()
+        self.transport = transport
+        self.sentLength = 0
+
+    def write(self, data: bytes) -> None:
+        assert data == b""
+        self.transport.write(b"HEADERS\r\n\r\n")
+
+    def notifyFinish(self) -> Deferred[None]:
+        self.finishing: Deferred[None] = Deferred()
+        return self.finishing
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[PairTransport, socket.socket]]:
+    ours, theirs = socket.socketpair()
+    theirs.setblocking(False)
+    yield PairTransport(ours), theirs
+    ours.close()
+    theirs.close()
+
+
+def drain(end: socket.socket) -> bytes:
+    received = b""
+    while True:
+        try:
+            chunk = end.recv(1 << 20)
+        except BlockingIOError:
+            return received
+        if not chunk:
+            return received
+        received += chunk
+
+
+def file_with(tmp_path: Path, data: bytes) -> IO[bytes]:
+    path = tmp_path / "file"
+    path.write_bytes(data)
+    return path.open("rb")
+
+
+def test_socket_body_sends_headers_first_and_waits_while_paused(
+    pair: tuple[PairTransport, socket.socket], tmp_path: Path, pieces: list[int]
+) -> None:
+    transport, peer = pair
+    data = os.urandom(3 * 1024 * 1024 + 3)
+    request = PairRequest(transport)
+    file = file_with(tmp_path, data)
+    body = _SocketBody(request, transport, file, 7, len(data) - 7)  # type: ignore[arg-type]
+    body.start()
+    assert request.producer is body
+    assert transport.writing
+    assert vars(transport)["doWrite"] == body._do_write
+
+    body.pauseProducing()
+    transport.doWrite()  # the headers go; the body waits
+    assert drain(peer) == b"HEADERS\r\n\r\n"
+    assert pieces == []
+    assert not transport.writing
+    body.resumeProducing()
+    assert transport.writing
+
+    received = b""
+    while not request.finished:
+        transport.doWrite()
+        received += drain(peer)
+    received += drain(peer)
+    assert received == data[7:]
+    assert request.sentLength == len(data) - 7
+    assert request.producer is None
+    assert "doWrite" not in vars(transport)  # the class's doWrite is back
+    assert not transport.writing
+    assert file.closed
+    body.stopProducing()
+    body.resumeProducing()
+    assert not transport.writing
+
+
+def test_socket_body_stopped_lets_go_of_file_and_transport(
+    pair: tuple[PairTransport, socket.socket], tmp_path: Path, pieces: list[int]
+) -> None:
+    transport, peer = pair
+    data = os.urandom(8 * 1024 * 1024)
+    request = PairRequest(transport)
+    file = file_with(tmp_path, data)
+    body = _SocketBody(request, transport, file, 0, len(data))  # type: ignore[arg-type]
+    body.start()
+    transport.doWrite()
+    transport.doWrite()
+    assert pieces  # some of the body is on its way
+    body.stopProducing()  # the connection is lost
+    assert file.closed
+    assert "doWrite" not in vars(transport)
+    body.stopProducing()
+    body.pauseProducing()
+    body.resumeProducing()
+    assert not request.finished
+    drain(peer)
+
+
+def test_socket_body_lets_go_when_the_request_hears_of_a_lost_connection(
+    pair: tuple[PairTransport, socket.socket], tmp_path: Path
+) -> None:
+    """Even if the channel no longer passes stopProducing on, the request is told."""
+    transport, _ = pair
+    request = PairRequest(transport)
+    file = file_with(tmp_path, b"x" * 1024)
+    body = _SocketBody(request, transport, file, 0, 1024)  # type: ignore[arg-type]
+    body.start()
+    request.finishing.errback(Failure(ConnectionLost()))
+    assert file.closed
+    assert "doWrite" not in vars(transport)
+
+
+def test_socket_body_loses_the_connection_when_the_file_cannot_be_read(
+    pair: tuple[PairTransport, socket.socket],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    log_events: list[LogEvent],
+) -> None:
+    transport, _ = pair
+    request = PairRequest(transport)
+    file = file_with(tmp_path, b"x" * 1024)
+    body = _SocketBody(request, transport, file, 0, 1024)  # type: ignore[arg-type]
+    body.start()
+
+    def failing(fd: int, length: int, offset: int) -> bytes:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(os, "pread", failing)
+    why = transport.doWrite()
+    # The reactor loses the connection with this reason, and the channel stops the body.
+    assert isinstance(why, OSError)
+    assert why.errno == errno.EIO
+    assert [e["log_format"] for e in log_events] == ["reading a blob file failed: {error}"]
+    body.stopProducing()
+    assert file.closed
+    assert not request.finished

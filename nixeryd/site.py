@@ -22,6 +22,7 @@ behaviour does not depend on which path answered.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from twisted.internet.address import IPv4Address, IPv6Address
@@ -58,6 +59,11 @@ _NEEDS_TWISTED = frozenset(
         b"upgrade",
     )
 )
+
+#: A header name (RFC 9110's token) and a request target (printable ASCII), as twisted.web
+#: accepts them: a request that breaks either is left to twisted.web's 400.
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_TARGET = re.compile(rb"[\x21-\x7e]+")
 
 
 class RegistryChannel(HTTPChannel):
@@ -103,19 +109,25 @@ class RegistryChannel(HTTPChannel):
         end = data.find(b"\r\n\r\n")
         if end < 0 or end + 4 != len(data) or end > self.totalHeadersSize:
             return False
-        lines = data[:end].split(b"\r\n")
+        head = data[:end]
+        lines = head.split(b"\r\n")
+        if len(lines) > self.maxHeaders + 1:
+            return False
+        # CR, LF and NUL only as line ends: anything else twisted.web refuses with a 400.
+        if len(head.translate(None, b"\x00\r\n")) != len(head) - 2 * (len(lines) - 1):
+            return False
         request_line = lines[0].split(b" ")
         if len(request_line) != 3 or request_line[2] != b"HTTP/1.1":
             return False
         method, uri, _ = request_line
-        if method != b"GET" and method != b"HEAD":
+        if (method != b"GET" and method != b"HEAD") or _TARGET.fullmatch(uri) is None:
             return False
         accept: list[bytes] = []
         headers: dict[bytes, bytes] = {}
         for line in lines[1:]:
             name, colon, value = line.partition(b":")
-            if not colon or not name or name[0] in b" \t" or name[-1] in b" \t":
-                return False  # folded, malformed or padded: let twisted.web judge it
+            if not colon or _TOKEN.fullmatch(name) is None:
+                return False  # folded, malformed or padded: twisted.web refuses it
             name = name.lower()
             if name in _NEEDS_TWISTED:
                 return False

@@ -118,6 +118,10 @@ def test_a_remembered_answer_is_written_without_a_request_and_as_twisted_web_wou
         (["X-Folded: a", " b"], "HTTP/1.1"),
         (["Bad : padded"], "HTTP/1.1"),
         (["no colon"], "HTTP/1.1"),
+        (["Bad/Name: x"], "HTTP/1.1"),
+        (["X-Nul: a\x00b"], "HTTP/1.1"),
+        (["X-Bare-LF: a\nContent-Length: 5"], "HTTP/1.1"),
+        (["X-Bare-CR: a\rb"], "HTTP/1.1"),
         ([], "HTTP/1.0"),
     ],
 )
@@ -131,6 +135,14 @@ def test_requests_that_need_twisted_web_are_left_to_it(
         raw += b"0\r\n\r\n"
     server.exchange(raw)
     assert server.requests == 1
+
+
+def test_a_target_twisted_web_refuses_is_left_to_it(served: tuple[Harness, list[str]]) -> None:
+    registry, paths = served
+    server = Server(registry)
+    response = server.exchange(get(paths[0] + "?\x01"))
+    assert server.requests == 1
+    assert parse(response)[0] == b"HTTP/1.1 400 Bad Request"
 
 
 def test_methods_other_than_get_and_head_and_unknown_paths_are_left_to_twisted_web(

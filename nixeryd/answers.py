@@ -41,9 +41,10 @@ class Answers:
     """Remembered responses, keyed by request path and, for tags, the ``Accept`` lines.
 
     ``common_headers`` are the ones every response of the site carries (the
-    API version); they are part of the pre-rendered response, so that one is
-    byte for byte what twisted.web would have sent, ``Date`` aside. A request
-    with a ``Range`` header is never remembered nor answered from here.
+    API version); they are part of the pre-rendered response, so that it has
+    the status, headers and body twisted.web would have sent (names in the
+    case given here, ``Date`` added when sent). A request with a ``Range``
+    header is never remembered nor answered from here.
     """
 
     def __init__(self, common_headers: Headers, capacity: int = ANSWERS_BYTES) -> None:

@@ -107,7 +107,7 @@ class Nix:
         self._expression = expression or Path(str(files("nixeryd") / "nixexprs" / "nixeryd.nix"))
 
     def _command(self, name: str) -> str:
-        return str(Path(self._bin_dir) / name) if self._bin_dir else name
+        return nix_command(self._bin_dir, name)
 
     @inlineCallbacks
     def _run(self, argv: Sequence[str], image: str, step: str) -> Any:
@@ -220,3 +220,8 @@ class Nix:
             raise BuildFailed(
                 f"closure query of {image.canonical} printed an unexpected result: {error}"
             ) from error
+
+
+def nix_command(bin_dir: str | None, name: str) -> str:
+    """The Nix program ``name``: from ``bin_dir`` (``NIXERYD_NIX_BIN_DIR``) if set, else PATH."""
+    return str(Path(bin_dir) / name) if bin_dir else name

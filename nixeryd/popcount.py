@@ -47,6 +47,7 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from nixeryd.closure import store_path_name
+from nixeryd.nixbuild import nix_command
 from nixeryd.process import ProcessResult, ProcessRunner
 
 STORE_DIR = "/nix/store"
@@ -266,7 +267,7 @@ class PackageSetCounter:
         self._expression = expression or Path(str(files("nixeryd") / "nixexprs" / "popcount.nix"))
 
     def _command(self, name: str) -> str:
-        return str(Path(self._bin_dir) / name) if self._bin_dir else name
+        return nix_command(self._bin_dir, name)
 
     @inlineCallbacks
     def _run(self, argv: Sequence[str], step: str, *, check: bool = True) -> Any:

@@ -1,4 +1,9 @@
-"""End-to-end fixtures: real ``nixeryd serve`` processes over the test package set."""
+"""End-to-end fixtures: real ``nixeryd serve`` processes over the test package set.
+
+Every end-to-end test runs once per Nix installation found (``tests/nixinstalls.py``):
+Debian's Nix 2.8 and a current one. The client matrix runs on the newest alone: what it
+checks is the registry's answers, which do not depend on the Nix that built the image.
+"""
 
 from __future__ import annotations
 
@@ -15,8 +20,40 @@ from pathlib import Path
 
 import pytest
 
+from tests.nixinstalls import NixInstallation, installations
+
 ROOT = Path(__file__).resolve().parents[2]
 TEST_PACKAGES = ROOT / "tests" / "pkgs"
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    found = installations()
+    if not found:
+        return  # the tests that need Nix say so themselves
+    if metafunc.definition.get_closest_marker("clients") is not None:
+        found = found[-1:]
+    metafunc.parametrize(
+        "nix_installation",
+        found,
+        ids=[installation.label for installation in found],
+        indirect=True,
+        scope="session",
+    )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nix_installation(request: pytest.FixtureRequest) -> Iterator[NixInstallation | None]:
+    """The Nix this test runs on: first on PATH for the test and the daemons it starts."""
+    installation: NixInstallation | None = getattr(request, "param", None)
+    if installation is None:
+        yield None
+        return
+    saved = os.environ["PATH"]
+    os.environ["PATH"] = installation.env()["PATH"]
+    try:
+        yield installation
+    finally:
+        os.environ["PATH"] = saved
 
 
 def nix_env(**extra: str) -> dict[str, str]:
@@ -77,7 +114,9 @@ class Daemon:
 
 
 @pytest.fixture(scope="session")
-def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+def daemon(
+    tmp_path_factory: pytest.TempPathFactory, nix_installation: NixInstallation | None
+) -> Iterator[Daemon]:
     """One daemon for the session over the test package set; Nix's store makes later
     builds of the same packages cheap."""
     instance = Daemon(tmp_path_factory.mktemp("daemon"))
@@ -86,7 +125,7 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
 
 
 @pytest.fixture
-def fresh_daemon(tmp_path: Path) -> Iterator[Daemon]:
+def fresh_daemon(tmp_path: Path, nix_installation: NixInstallation | None) -> Iterator[Daemon]:
     """A daemon with its own empty storage."""
     instance = Daemon(tmp_path / "fresh")
     yield instance

@@ -30,6 +30,7 @@ import pytest
 from nixeryd.manifest import DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_INDEX, OCI_MANIFEST
 from tests.e2e.conftest import Daemon, require
 from tests.e2e.test_pull import fetch, in_chroot
+from tests.nixinstalls import NixInstallation
 
 pytestmark = [pytest.mark.e2e, pytest.mark.clients]
 
@@ -40,7 +41,9 @@ DOCKER_CLI = "/usr/bin/docker"
 
 
 @pytest.fixture(scope="module")
-def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+def registry(
+    tmp_path_factory: pytest.TempPathFactory, nix_installation: NixInstallation | None
+) -> Iterator[Daemon]:
     """One nixeryd building every image for linux/amd64 and linux/arm64."""
     instance = Daemon(
         tmp_path_factory.mktemp("matrix"), NIXERYD_PLATFORMS="linux/amd64,linux/arm64"

@@ -12,6 +12,7 @@ import pytest
 
 from tests.e2e.conftest import ROOT, Daemon
 from tests.e2e.test_pull import fetch, in_chroot, pull_and_unpack
+from tests.nixinstalls import NixInstallation
 
 pytestmark = pytest.mark.e2e
 
@@ -60,7 +61,11 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def git_daemon(tmp_path_factory: pytest.TempPathFactory, repo: Path) -> Iterator[Daemon]:
+def git_daemon(
+    tmp_path_factory: pytest.TempPathFactory,
+    repo: Path,
+    nix_installation: NixInstallation | None,
+) -> Iterator[Daemon]:
     instance = Daemon(
         tmp_path_factory.mktemp("git-daemon"),
         NIXERY_PKGS_PATH="",

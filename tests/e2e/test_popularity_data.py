@@ -16,6 +16,7 @@ import pytest
 
 from nixeryd.manifest import DOCKER_MANIFEST
 from tests.e2e.conftest import ROOT, TEST_PACKAGES, Daemon, nix_env
+from tests.nixinstalls import NixInstallation
 
 pytestmark = pytest.mark.e2e
 
@@ -45,7 +46,9 @@ def outputs(*attributes: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def popularity_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def popularity_file(
+    tmp_path_factory: pytest.TempPathFactory, nix_installation: NixInstallation | None
+) -> Path:
     """Popularity of the test package set's greeting programs, from the package set."""
     path = tmp_path_factory.mktemp("popcount") / "popularity.json"
     argv = [f"--attr={attribute}" for attribute in COUNTED]

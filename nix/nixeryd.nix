@@ -9,7 +9,9 @@
 #     --argstr srcArgs '{"path":"/abs/dir"}' \
 #     --argstr packages '["hello","tools.greeter"]' \
 #     --argstr optionalPackages '["cacert","iana-etc"]' \
-#     --argstr system x86_64-linux
+#     --argstr system x86_64-linux \
+#     --argstr nixpkgsConfig '{"allowUnfree":true}' \
+#     --argstr overlays '["/etc/nixeryd/overlay.nix"]'
 #
 # Arguments:
 #   srcType           "path" | "git" | "tarball"
@@ -28,9 +30,25 @@
 #   optionalPackages  JSON list of names added when the package set has them (default [])
 #   system            the target system, e.g. "aarch64-linux" (default builtins.currentSystem)
 #
+#   nixpkgsConfig     JSON object of nixpkgs configuration set by nixeryd's options, or
+#                     "null" (default) to leave nixpkgs' configuration alone. Its keys are
+#                     nixpkgs `config` keys (allowUnfree, allowBroken,
+#                     permittedInsecurePackages, ...), plus two of nixeryd's own:
+#                     "configFile" (a Nix file evaluating to a config attribute set, or a
+#                     function of { pkgs, lib } as nixpkgs' config.nix may be, laid under
+#                     the other keys) and "allowInsecure" (true: every package marked
+#                     insecure is allowed, as NIXPKGS_ALLOW_INSECURE=1 does).
+#   overlays          JSON list of absolute paths of Nix files, each an overlay function or
+#                     a list of them; "[]" (default) leaves nixpkgs' overlays alone.
+#
 # The package set is the imported value: an attribute set, or a function. A function
-# is called with the subset of { system; config = {}; overlays = []; } that its formals
-# name; a function with no named formals (`x: ...` or `{ ... }: ...`) gets { system; }.
+# is called with the subset of { system; config; overlays; } that its formals name; a
+# function with no named formals (`x: ...` or `{ ... }: ...`) gets { system; }. `config`
+# and `overlays` are passed only when nixeryd configures them, or when the function
+# requires them (no default; then {} and [] when unconfigured): so nixpkgs reads its
+# usual configuration ($NIXPKGS_CONFIG, ~/.config/nixpkgs/config.nix, the overlays
+# directory, NIXPKGS_ALLOW_UNFREE=1 and the other NIXPKGS_ALLOW_* variables) unless
+# nixeryd is told otherwise, as Nixery lets it.
 #
 # Name resolution, per requested name: "." separates a nested attribute path
 # ("xorg.xev"). Each component is looked up, at its level, as: the exact name; then,
@@ -63,6 +81,8 @@
 , packages
 , optionalPackages ? "[]"
 , system ? builtins.currentSystem
+, nixpkgsConfig ? "null"
+, overlays ? "[]"
 }:
 let
   inherit (builtins) attrNames concatStringsSep elem filter foldl' fromJSON functionArgs
@@ -92,11 +112,37 @@ let
 
   imported = import source;
 
+  configured = fromJSON nixpkgsConfig;
+  overlayFiles = fromJSON overlays;
+
+  # nixpkgs' config from nixeryd's options: the config file's, then the options on top.
+  # A config that is a function is called by nixpkgs itself with { pkgs, lib }.
+  siteConfig =
+    let
+      fromFile = if configured ? configFile then import (/. + configured.configFile) else { };
+      flags = removeAttrs configured [ "configFile" "allowInsecure" ]
+        // (if configured.allowInsecure or false then { allowInsecurePredicate = _: true; } else { });
+    in
+    if isFunction fromFile then nixpkgsArgs: fromFile nixpkgsArgs // flags else fromFile // flags;
+
+  siteOverlays = builtins.concatLists (map
+    (file: let overlay = import (/. + file); in if builtins.isList overlay then overlay else [ overlay ])
+    overlayFiles);
+
+  # What a package set function is called with: only the arguments it names, and of
+  # `config` and `overlays` only those nixeryd configures or the function requires.
+  importArgs = formals:
+    intersectAttrs formals (
+      { inherit system; }
+      // (if configured != null then { config = siteConfig; }
+          else if formals ? config && !formals.config then { config = { }; } else { })
+      // (if overlayFiles != [ ] then { overlays = siteOverlays; }
+          else if formals ? overlays && !formals.overlays then { overlays = [ ]; } else { }));
+
   pkgs =
     if isFunction imported then
       let formals = functionArgs imported; in
-      imported (if formals == { } then { inherit system; }
-                else intersectAttrs formals { inherit system; config = { }; overlays = [ ]; })
+      imported (if formals == { } then { inherit system; } else importArgs formals)
     else
       imported;
 

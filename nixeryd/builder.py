@@ -293,6 +293,9 @@ class ImageBuilder:
             popularity.fingerprint,
             self._compression.key,
         ]
+        if kind == "pin":
+            # The pin names the source; the nixpkgs configuration can change what it gives.
+            parts.append(self._nix.evaluation_identity)
         return hashlib.sha256("\0".join(parts).encode()).hexdigest()
 
     @inlineCallbacks

@@ -54,6 +54,15 @@ class Config:
     layer_compression_level: int | None = None
     #: Layers written at once; 0: one per core.
     layer_workers: int = 0
+    #: nixpkgs configuration, passed to the package set only when set (see
+    #: :meth:`nixpkgs_config`); unset, nixpkgs reads its own as Nixery lets it.
+    nixpkgs_config_file: str | None = None
+    allow_unfree: bool | None = None
+    allow_broken: bool | None = None
+    allow_insecure: bool | None = None
+    permitted_insecure_packages: tuple[str, ...] = ()
+    #: Nix files of overlays applied to the package set, absolute paths.
+    nixpkgs_overlays: tuple[str, ...] = ()
     #: ``[plugin.<name>]`` tables of the config file, for site plugins' own settings.
     plugin_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
@@ -63,6 +72,24 @@ class Config:
         default = COMPRESSORS[self.layer_compressor].default
         level = default if self.layer_compression_level is None else self.layer_compression_level
         return Compression(self.layer_compressor, level)
+
+    @property
+    def nixpkgs_config(self) -> dict[str, Any] | None:
+        """The nixpkgs ``config`` nixeryd's options set, in the form ``nix/nixeryd.nix``
+        reads; None when no option is set, so that nixpkgs' own configuration applies."""
+        configured: dict[str, Any] = {}
+        if self.nixpkgs_config_file:
+            configured["configFile"] = self.nixpkgs_config_file
+        for key, value in (
+            ("allowUnfree", self.allow_unfree),
+            ("allowBroken", self.allow_broken),
+            ("allowInsecure", self.allow_insecure),
+        ):
+            if value is not None:
+                configured[key] = value
+        if self.permitted_insecure_packages:
+            configured["permittedInsecurePackages"] = list(self.permitted_insecure_packages)
+        return configured or None
 
 
 @dataclass(frozen=True)
@@ -103,6 +130,21 @@ def _boolean(text: str) -> bool:
     if value in ("0", "false", "no", "off"):
         return False
     raise ValueError("must be true or false")
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _nix_file(text: str) -> str:
+    path = Path(text).expanduser().resolve()
+    if not path.is_file():
+        raise ValueError("no such Nix file")
+    return str(path)
+
+
+def _nix_files(text: str) -> tuple[str, ...]:
+    return tuple(_nix_file(part) for part in _names(text))
 
 
 def _one_of(*choices: str) -> Callable[[str], str]:
@@ -149,6 +191,45 @@ OPTIONS: tuple[Option, ...] = (
         "nix_bin_dir",
         "directory holding nix-instantiate, nix-store and nix (default: from PATH)",
         ("NIXERYD_NIX_BIN_DIR",),
+    ),
+    Option(
+        "nixpkgs_config_file",
+        "a Nix file of nixpkgs configuration (config.nix), passed to the package set; the "
+        "allow_* options below are laid over it (default: nixpkgs reads its own)",
+        ("NIXERYD_NIXPKGS_CONFIG",),
+        _nix_file,
+    ),
+    Option(
+        "allow_unfree",
+        "nixpkgs config allowUnfree: build packages with unfree licences",
+        ("NIXERYD_ALLOW_UNFREE",),
+        _boolean,
+    ),
+    Option(
+        "allow_broken",
+        "nixpkgs config allowBroken: build packages marked broken",
+        ("NIXERYD_ALLOW_BROKEN",),
+        _boolean,
+    ),
+    Option(
+        "allow_insecure",
+        "allow every package nixpkgs marks insecure (as NIXPKGS_ALLOW_INSECURE=1)",
+        ("NIXERYD_ALLOW_INSECURE",),
+        _boolean,
+    ),
+    Option(
+        "permitted_insecure_packages",
+        "comma-separated name-version of insecure packages to allow, such as openssl-1.1.1w "
+        "(nixpkgs config permittedInsecurePackages)",
+        ("NIXERYD_PERMITTED_INSECURE_PACKAGES",),
+        _names,
+    ),
+    Option(
+        "nixpkgs_overlays",
+        "comma-separated Nix files of overlays (each an overlay or a list of them) applied to "
+        "the package set (default: nixpkgs reads its own)",
+        ("NIXERYD_NIXPKGS_OVERLAYS",),
+        _nix_files,
     ),
     Option("log_format", "text or json", ("NIXERYD_LOG_FORMAT",), _one_of("text", "json")),
     Option(

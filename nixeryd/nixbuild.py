@@ -12,6 +12,8 @@ image:
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import shutil
 import tempfile
@@ -98,13 +100,35 @@ class Nix:
         env: Mapping[str, str] | None = None,
         expression: Path | None = None,
         gc_roots: Path | None = None,
+        nixpkgs_config: Mapping[str, Any] | None = None,
+        overlays: Sequence[str] = (),
     ) -> None:
+        """``nixpkgs_config`` and ``overlays`` are passed to a package set that takes
+        them (see ``nix/nixeryd.nix``); None and () leave nixpkgs' own in force."""
         self._processes = processes
+        self._nixpkgs_config = None if nixpkgs_config is None else dict(nixpkgs_config)
+        self._overlays = tuple(overlays)
         self._timeout = timeout
         self._bin_dir = bin_dir
         self._env = env
         self._gc_roots = gc_roots
         self._expression = expression or Path(str(files("nixeryd") / "nixexprs" / "nixeryd.nix"))
+
+    @property
+    def evaluation_identity(self) -> str:
+        """What, besides the source and the image name, decides what evaluation gives:
+        the nixpkgs configuration and the content of its Nix files, read now. Part of the
+        key of manifests cached by source pin, so that a site that changes them is
+        answered with new images."""
+        files_content = hashlib.sha256()
+        for path in (self._nixpkgs_config or {}).get("configFile"), *self._overlays:
+            if path is not None:
+                files_content.update(path.encode() + b"\0")
+                with contextlib.suppress(OSError):
+                    files_content.update(Path(path).read_bytes())
+        return json.dumps(
+            [self._nixpkgs_config, self._overlays, files_content.hexdigest()], sort_keys=True
+        )
 
     def _command(self, name: str) -> str:
         return nix_command(self._bin_dir, name)
@@ -156,6 +180,8 @@ class Nix:
             "--argstr", "packages", json.dumps(list(image.packages)),
             "--argstr", "optionalPackages", json.dumps(list(image.optional_packages)),
             "--argstr", "system", image.system,
+            "--argstr", "nixpkgsConfig", json.dumps(self._nixpkgs_config, sort_keys=True),
+            "--argstr", "overlays", json.dumps(list(self._overlays)),
         ]  # fmt: skip
         stdout = yield self._run(argv, image.canonical, "evaluation")
         try:

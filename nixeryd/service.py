@@ -84,6 +84,8 @@ def make_registry(
             timeout=config.nix_timeout,
             bin_dir=config.nix_bin_dir,
             gc_roots=Path(tempfile.gettempdir()) / "nixeryd-gcroots",
+            nixpkgs_config=config.nixpkgs_config,
+            overlays=config.nixpkgs_overlays,
         ),
         source=source,
         storage=storage,

@@ -131,3 +131,39 @@ def test_access_log_is_a_boolean() -> None:
     assert load_config({"access_log": "Yes"}, {"NIXERYD_ACCESS_LOG": "0"}).access_log is True
     with pytest.raises(ConfigError, match="must be true or false"):
         load_config({}, {"NIXERYD_ACCESS_LOG": "sometimes"})
+
+
+def test_nixpkgs_configuration_is_left_to_nixpkgs_unless_set() -> None:
+    assert load_config({}, {}).nixpkgs_config is None
+    assert load_config({}, {}).nixpkgs_overlays == ()
+
+
+def test_nixpkgs_configuration_from_each_source(tmp_path: Path) -> None:
+    overlay = tmp_path / "overlay.nix"
+    overlay.write_text("final: prev: { }\n")
+    site_config = tmp_path / "config.nix"
+    site_config.write_text("{ }\n")
+    file = tmp_path / "nixeryd.toml"
+    file.write_text(
+        "allow_broken = true\n"
+        'permitted_insecure_packages = ["openssl-1.1.1w", "olm-3.2.16"]\n'
+        f'nixpkgs_overlays = ["{overlay}"]\n'
+    )
+    config = load_config(
+        {"allow_insecure": "false"},
+        {"NIXERYD_ALLOW_UNFREE": "1", "NIXERYD_NIXPKGS_CONFIG": str(site_config)},
+        file,
+    )
+    assert config.nixpkgs_config == {
+        "configFile": str(site_config),
+        "allowUnfree": True,
+        "allowBroken": True,
+        "allowInsecure": False,
+        "permittedInsecurePackages": ["openssl-1.1.1w", "olm-3.2.16"],
+    }
+    assert config.nixpkgs_overlays == (str(overlay),)
+
+
+def test_a_missing_overlay_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"NIXERYD_NIXPKGS_OVERLAYS.*no such Nix file"):
+        load_config({}, {"NIXERYD_NIXPKGS_OVERLAYS": f"{tmp_path}/absent.nix"})

@@ -13,7 +13,12 @@ Caches, cheapest first:
 * manifests keyed by the evaluated output paths: a moving source (a local
   path, a branch) costs one evaluation, and nothing more when it did not
   change, so a HEAD after a GET does not rebuild;
-* layers, keyed by their store paths (``builds/<key>``), shared by images.
+* layers, keyed by their store paths (``builds/<key>``), shared by images;
+* failures of Nix (an evaluation error, a missing package, a failed build),
+  answered again without running Nix: for good for a pinned source (the same
+  commit fails the same way), for ``failure_ttl`` seconds for a moving one, so
+  that a HEAD after a failed GET and a client's retries do not rebuild. A
+  timeout is not remembered: a busy machine or a slow download may pass.
 
 An image name without a platform prefix stands for one image per configured
 platform, built concurrently and listed by an index; a platform that cannot be
@@ -41,7 +46,7 @@ from twisted.python.failure import Failure
 
 from nixeryd.closure import ClosureGraph
 from nixeryd.compression import Compression
-from nixeryd.errors import BuildFailed, RegistryError
+from nixeryd.errors import BuildFailed, BuildTimedOut, RegistryError
 from nixeryd.forest import symlink_forest
 from nixeryd.imagename import ImageName, ImageTarget
 from nixeryd.layering import Layer, LayeringStrategy
@@ -153,11 +158,13 @@ class ImageBuilder:
         compression: Compression = DEFAULT_COMPRESSION,
         write_in_thread: Callable[[Callable[[], Any]], Deferred[Any]] | None = None,
         compress_pool: Executor | None = None,
+        failure_ttl: float = 60.0,
     ) -> None:
         """``write_in_thread`` runs layer writes (``run_in_thread`` if None): a pool as
         large as the cores, apart from the pool for short blocking calls;
         ``compress_pool`` compresses blocks of each layer in parallel, so that one
-        large layer uses every core too."""
+        large layer uses every core too; ``failure_ttl`` is how long a moving source's
+        failed image is answered from memory (0: never)."""
         self._nix = nix
         self._source = source
         self._storage = storage
@@ -179,6 +186,9 @@ class ImageBuilder:
         #: (platform image, tag) -> until when it is left out of its index; oldest first.
         self._unbuildable: OrderedDict[tuple[str, str], float] = OrderedDict()
         self.recent_errors: deque[BuildError] = deque(maxlen=20)
+        self._failure_ttl = failure_ttl
+        #: (kind, image, tag or pin, ...) -> (until when, the error answered); oldest first.
+        self._failures: OrderedDict[tuple[str, ...], tuple[float, RegistryError]] = OrderedDict()
 
     @inlineCallbacks
     def tagged(self, image: ImageName, tag: str) -> Any:
@@ -258,22 +268,18 @@ class ImageBuilder:
                 cached = yield self._cached_manifests(pin_key, image.platform)
                 if cached is not None:
                     return replace(cached, pinned=source.pin == tag)
-            packages: list[ResolvedPackage] = yield self._nix.resolve(source, image)
-            outputs = sorted(package.out_path for package in packages)
-            eval_key = self._manifest_key("eval", image.canonical, "\n".join(outputs), popularity)
-            built = yield self._cached_manifests(eval_key, image.platform)
-            if built is None:
-                started = self._clock.seconds()
-                built = yield self._build(image, packages, popularity)
-                yield self._remember(eval_key, built)
-                seconds = self._clock.seconds() - started
-                self.log.info(
-                    "built {image}:{tag} in {seconds:.1f}s",
-                    image=image.canonical,
-                    tag=tag,
-                    seconds=seconds,
-                )
-                self._on_built(image.canonical, tag, built.manifests["docker"].digest, seconds)
+            failure_key = self._failure_key(image, tag, source)
+            remembered = self._failures.get(failure_key)
+            if remembered is not None and remembered[0] > self._clock.seconds():
+                self._failures.move_to_end(failure_key)
+                raise remembered[1]
+            try:
+                built = yield self._built(image, tag, source, popularity)
+            except BuildTimedOut:
+                raise
+            except RegistryError as error:
+                self._remember_failure(failure_key, source, error)
+                raise
             if pin_key is not None:
                 yield self._remember(pin_key, built)
                 return replace(built, pinned=source.pin == tag)
@@ -281,6 +287,50 @@ class ImageBuilder:
         except RegistryError as error:
             self.recent_errors.append(BuildError(time.time(), image.canonical, tag, error.message))
             raise
+
+    def _failure_key(self, image: ImageTarget, tag: str, source: SourceRef) -> tuple[str, ...]:
+        """A pinned source's failure is the pin's (any tag naming it); a moving one's, the tag's."""
+        if source.pin is not None:
+            return ("pin", image.canonical, source.pin, self._nix.evaluation_identity)
+        return ("tag", image.canonical, tag)
+
+    def _remember_failure(
+        self, key: tuple[str, ...], source: SourceRef, error: RegistryError
+    ) -> None:
+        """Keep a Nix failure of the image, to answer it again without running Nix."""
+        if source.pin is not None:
+            until = float("inf")
+        elif self._failure_ttl > 0:
+            until = self._clock.seconds() + self._failure_ttl
+        else:
+            return
+        self._failures[key] = (until, error)
+        self._failures.move_to_end(key)
+        while len(self._failures) > LOCAL_MANIFEST_CACHE_SIZE:
+            self._failures.popitem(last=False)
+
+    @inlineCallbacks
+    def _built(
+        self, image: ImageTarget, tag: str, source: SourceRef, popularity: Popularity
+    ) -> Any:
+        """The image evaluated from ``source``, built unless its outputs were built before."""
+        packages: list[ResolvedPackage] = yield self._nix.resolve(source, image)
+        outputs = sorted(package.out_path for package in packages)
+        eval_key = self._manifest_key("eval", image.canonical, "\n".join(outputs), popularity)
+        built = yield self._cached_manifests(eval_key, image.platform)
+        if built is None:
+            started = self._clock.seconds()
+            built = yield self._build(image, packages, popularity)
+            yield self._remember(eval_key, built)
+            seconds = self._clock.seconds() - started
+            self.log.info(
+                "built {image}:{tag} in {seconds:.1f}s",
+                image=image.canonical,
+                tag=tag,
+                seconds=seconds,
+            )
+            self._on_built(image.canonical, tag, built.manifests["docker"].digest, seconds)
+        return built
 
     def _manifest_key(self, kind: str, image: str, identity: str, popularity: Popularity) -> str:
         parts = [

@@ -40,6 +40,7 @@ class Config:
     storage_backend: str = "filesystem"
     storage_path: str = "nixeryd-storage"
     nix_timeout: float = 60.0
+    failure_ttl: float = 60.0
     popularity_url: str | None = None
     layering_strategy: str = "stable"
     layer_budget: int = DEFAULT_LAYER_BUDGET
@@ -109,6 +110,13 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise ValueError("must be 0 or more")
+    return value
+
+
 def _budget(text: str) -> int:
     value = int(text)
     if not 1 <= value <= 125:
@@ -173,6 +181,13 @@ OPTIONS: tuple[Option, ...] = (
     Option("storage_backend", "name of the storage plugin", ("NIXERY_STORAGE_BACKEND",)),
     Option("storage_path", "directory of the filesystem storage", ("STORAGE_PATH",)),
     Option("nix_timeout", "seconds each Nix invocation may run", ("NIX_TIMEOUT",), _positive_float),
+    Option(
+        "failure_ttl",
+        "seconds a failed image of a moving source (a path, a branch) is answered again "
+        "without running Nix; a pinned source's failure is kept for good (0: never)",
+        ("NIXERYD_FAILURE_TTL",),
+        _non_negative_float,
+    ),
     Option(
         "popularity_url",
         "popularity data: http(s)://, file:// or a path",

@@ -100,6 +100,7 @@ def make_registry(
         compression=config.compression,
         write_in_thread=write_in_thread,
         compress_pool=compress_pool,
+        failure_ttl=config.failure_ttl,
     )
     log.info(
         "serving {source} source for {platforms}, {storage} storage, "

@@ -190,6 +190,16 @@ def test_nix_errors_reach_the_client(daemon: Daemon) -> None:
     assert b"this build fails on purpose" in page
 
 
+def test_a_failed_image_asked_again_runs_nix_once(fresh_daemon: Daemon) -> None:
+    get, _, body = fetch(fresh_daemon, "/v2/brokenbuild/manifests/latest")
+    head, _, _ = fetch(fresh_daemon, "/v2/brokenbuild/manifests/latest", method="HEAD")
+    again, _, same = fetch(fresh_daemon, "/v2/brokenbuild/manifests/latest")
+    assert (get, head, again) == (404, 404, 404)
+    assert same == body
+    # Every line the builder prints is logged, prefixed with the step: the build ran once.
+    assert fresh_daemon.log().count("linux/amd64:brokenbuild build: broken-build: configuring") == 1
+
+
 def test_ten_concurrent_requests_run_one_nix_build(fresh_daemon: Daemon) -> None:
     image = "shell/tools.greeter/hello"
     results: list[tuple[int, str]] = []

@@ -139,6 +139,40 @@ def test_timeouts_say_what_happened(registry_with: RegistryFactory, nix: FakeNix
     assert "NIX_TIMEOUT" in json.loads(body)["errors"][0]["message"]
 
 
+def test_a_failed_image_is_answered_again_without_running_nix(
+    registry_with: RegistryFactory, nix: FakeNix
+) -> None:
+    failing = nix.evaluation(missing=["nope"])
+    registry = registry_with(failing, failure_ttl=60.0)
+    get, body = registry.get("/v2/nope/manifests/latest")
+    head, _ = registry.request("HEAD", "http://registry/v2/nope/manifests/latest")
+    again, same = registry.get("/v2/nope/manifests/latest")
+    assert (get.code, head.code, again.code) == (404, 404, 404)
+    assert same == body
+    assert len(failing.calls) == 1
+    registry.daemon_clock.advance(61)  # a path source may have been fixed since
+    registry.get("/v2/nope/manifests/latest")
+    assert len(failing.calls) == 2
+
+
+def test_failures_are_not_remembered_when_the_ttl_is_zero(
+    registry_with: RegistryFactory, nix: FakeNix
+) -> None:
+    failing = nix.evaluation(missing=["nope"])
+    registry = registry_with(failing, failure_ttl=0.0)
+    registry.get("/v2/nope/manifests/latest")
+    registry.get("/v2/nope/manifests/latest")
+    assert len(failing.calls) == 2
+
+
+def test_timeouts_are_not_remembered(registry_with: RegistryFactory, nix: FakeNix) -> None:
+    timing_out = nix.evaluation(timed_out=True)
+    registry = registry_with(timing_out)
+    registry.get("/v2/hello/manifests/latest")
+    registry.get("/v2/hello/manifests/latest")
+    assert len(timing_out.calls) == 2  # a busy machine or a slow download may pass
+
+
 @pytest.mark.parametrize(
     ("path", "status", "code"),
     [

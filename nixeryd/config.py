@@ -36,6 +36,8 @@ class Config:
     pkgs_repo: str | None = None
     channel: str | None = None
     channel_url: str | None = None
+    #: Answer any tag of a path or channel source with its one image, as Nixery did.
+    accept_any_tag: bool = False
     package_source: str = "path"
     storage_backend: str = "filesystem"
     storage_path: str = "nixeryd-storage"
@@ -172,6 +174,12 @@ OPTIONS: tuple[Option, ...] = (
         "channel_url",
         "URL template for channel tarballs, with {channel} (a local mirror for air-gapped sites)",
         ("NIXERYD_CHANNEL_URL",),
+    ),
+    Option(
+        "accept_any_tag",
+        "answer any tag of a path or channel source with its one image, as Nixery did",
+        ("NIXERYD_ACCEPT_ANY_TAG",),
+        _boolean,
     ),
     Option(
         "package_source",

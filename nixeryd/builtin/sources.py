@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from twisted.internet.defer import Deferred, inlineCallbacks, succeed
+from twisted.internet.defer import Deferred, fail, inlineCallbacks, succeed
 
 from nixeryd.errors import BuildFailed, ManifestUnknown
 from nixeryd.hookspecs import hookimpl
@@ -29,16 +29,33 @@ NIXPKGS_COMMIT_URL = "https://github.com/NixOS/nixpkgs/archive/{channel}.tar.gz"
 NIXOS_CHANNEL_URL = "https://nixos.org/channels/{channel}/nixexprs.tar.xz"
 
 
-class PathSource:
-    """A package set in a local directory or file; every tag names its current content."""
+def _answer(
+    tag: str, valid: Sequence[str], accept_any_tag: bool, ref: SourceRef
+) -> Deferred[SourceRef]:
+    """Refuse a tag the source cannot tell apart, so that a pull agrees with tags/list.
 
-    def __init__(self, path: str) -> None:
+    Nixery answered any tag with the same image; ``accept_any_tag`` keeps that.
+    """
+    if accept_any_tag or tag in valid:
+        return succeed(ref)
+    return fail(
+        ManifestUnknown(f"tag {tag!r} is unknown; this package source has: {', '.join(valid)}")
+    )
+
+
+class PathSource:
+    """A package set in a local directory or file; ``latest`` names its current content."""
+
+    def __init__(self, path: str, accept_any_tag: bool = False) -> None:
         self._path = str(Path(path).resolve())
+        self._accept_any_tag = accept_any_tag
         if not Path(self._path).exists():
             raise ValueError(f"package set {self._path} does not exist")
 
     def resolve(self, tag: str) -> Deferred[SourceRef]:
-        return succeed(SourceRef("path", {"path": self._path}))
+        return _answer(
+            tag, ["latest"], self._accept_any_tag, SourceRef("path", {"path": self._path})
+        )
 
     def tags(self) -> Deferred[list[str]]:
         return succeed(["latest"])
@@ -51,8 +68,11 @@ class ChannelSource:
     sites; by default commits come from GitHub and names from nixos.org.
     """
 
-    def __init__(self, channel: str, url_template: str | None = None) -> None:
+    def __init__(
+        self, channel: str, url_template: str | None = None, accept_any_tag: bool = False
+    ) -> None:
         self._channel = channel
+        self._accept_any_tag = accept_any_tag
         pinned = _COMMIT.match(channel) is not None
         template = url_template or (NIXPKGS_COMMIT_URL if pinned else NIXOS_CHANNEL_URL)
         self._ref = SourceRef(
@@ -60,10 +80,10 @@ class ChannelSource:
         )
 
     def resolve(self, tag: str) -> Deferred[SourceRef]:
-        return succeed(self._ref)
+        return _answer(tag, sorted({"latest", self._channel}), self._accept_any_tag, self._ref)
 
     def tags(self) -> Deferred[list[str]]:
-        return succeed(["latest"])
+        return succeed(sorted({"latest", self._channel}))
 
 
 class GitSource:
@@ -134,7 +154,7 @@ class GitSource:
 def _path_source(runtime: Runtime) -> PackageSource:
     if not runtime.config.pkgs_path:
         raise ValueError("the path source needs NIXERY_PKGS_PATH (--pkgs-path)")
-    return PathSource(runtime.config.pkgs_path)
+    return PathSource(runtime.config.pkgs_path, runtime.config.accept_any_tag)
 
 
 def _git_source(runtime: Runtime) -> PackageSource:
@@ -146,7 +166,9 @@ def _git_source(runtime: Runtime) -> PackageSource:
 def _channel_source(runtime: Runtime) -> PackageSource:
     if not runtime.config.channel:
         raise ValueError("the channel source needs NIXERY_CHANNEL (--channel)")
-    return ChannelSource(runtime.config.channel, runtime.config.channel_url)
+    return ChannelSource(
+        runtime.config.channel, runtime.config.channel_url, runtime.config.accept_any_tag
+    )
 
 
 @hookimpl

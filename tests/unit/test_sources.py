@@ -1,3 +1,4 @@
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -67,10 +68,25 @@ def test_channels_pin_commits_only() -> None:
     assert moving.pin is None
     assert "nixos-unstable" in moving.src_args["url"]
     mirror = ChannelSource("nixos-24.05", "file:///mirror/{channel}.tar.gz")
-    assert result(mirror.resolve("x")).src_args["url"] == "file:///mirror/nixos-24.05.tar.gz"
+    assert result(mirror.resolve("latest")).src_args["url"] == "file:///mirror/nixos-24.05.tar.gz"
 
 
 def test_path_sources_must_exist(tmp_path: Any) -> None:
     assert result(PathSource(str(tmp_path)).resolve("latest")).src_args == {"path": str(tmp_path)}
     with pytest.raises(ValueError, match="does not exist"):
         PathSource(str(tmp_path / "missing"))
+
+
+def test_path_source_answers_latest_only_unless_any_tag_is_accepted(tmp_path: Path) -> None:
+    with pytest.raises(ManifestUnknown, match="latest"):
+        result(PathSource(str(tmp_path)).resolve("1.0"))
+    accepting = PathSource(str(tmp_path), accept_any_tag=True)
+    assert result(accepting.resolve("1.0")).src_args == {"path": str(tmp_path)}
+
+
+def test_channel_source_answers_latest_and_its_own_name() -> None:
+    channel = ChannelSource("nixos-24.05")
+    assert result(channel.tags()) == ["latest", "nixos-24.05"]
+    assert result(channel.resolve("nixos-24.05")) == result(channel.resolve("latest"))
+    with pytest.raises(ManifestUnknown, match=r"nixos-24\.05"):
+        result(channel.resolve("nixos-unstable"))

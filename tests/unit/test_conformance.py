@@ -314,3 +314,22 @@ def test_query_strings_do_not_change_a_manifest(built: tuple[Harness, dict[str, 
         "/v2/hello/manifests/latest?foo=bar&ns=docker.io", headers={"Accept": MANIFEST_TYPES}
     )
     assert json.loads(body) == index
+
+
+def test_a_missing_manifest_by_tag_is_manifest_unknown(registry_with: RegistryFactory) -> None:
+    """The OCI conformance suite's "missing manifest by tag": a path source has only
+    ``latest``, so another tag names nothing, and no Nix runs for it."""
+    registry = registry_with()
+    response, body = registry.get("/v2/hello/manifests/missing-tag")
+    assert response.code == 404, body
+    error = json_error(response, body)
+    assert error["code"] == "MANIFEST_UNKNOWN"
+    assert "latest" in error["message"]
+
+
+def test_accept_any_tag_restores_nixerys_behaviour(
+    registry_with: RegistryFactory, nix: FakeNix
+) -> None:
+    registry = registry_with(*building(nix), accept_any_tag=True)
+    response, body = registry.get("/v2/hello/manifests/any-tag")
+    assert response.code == 200, body

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import re
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -59,25 +60,70 @@ class PackagesNotFound(ManifestUnknown):
 
 
 def nix_error_excerpt(stderr: Sequence[str]) -> str:
-    """The first useful lines of a Nix error, for a person reading a registry error.
+    """The cause of a Nix failure first, for a person reading a registry error.
 
-    From the first ``error:`` line on; when a builder failed, also the last
-    lines it printed, which Nix streamed before its error line.
+    Nix >= 2.13 prints the trace before the cause, and the trace's first frames
+    are nixeryd's own ``nix/nixeryd.nix``; so the excerpt starts at the last
+    ``error:`` that states a cause (a "builder for" line only when nothing else
+    does), then the trace frames located outside ``nixeryd.nix`` (the package
+    set's), then the other error lines, and, when a builder failed, the last
+    lines it printed. ANSI colours are stripped; the whole stays under
+    ``ERROR_EXCERPT_CHARS``. The log keeps every line.
     """
-    start = next((i for i, line in enumerate(stderr) if line.lstrip().startswith("error:")), None)
-    if start is None:
-        return _useful(stderr[-ERROR_EXCERPT_LINES:]) or "Nix failed without an error message"
-    excerpt = _useful(stderr[start:])
-    if stderr[start].lstrip().startswith("error: builder for"):
-        builder_output = [line for line in stderr[:start] if not _is_nix_progress(line)]
+    lines = [_ANSI.sub("", line).rstrip() for line in stderr]
+    errors = [i for i, line in enumerate(lines) if line.lstrip().startswith("error:")]
+    if not errors:
+        return (
+            _bounded(_useful(lines[-ERROR_EXCERPT_LINES:])) or "Nix failed without an error message"
+        )
+    stated = [i for i in errors if lines[i].strip() != "error:"]
+    causes = [i for i in stated if not lines[i].lstrip().startswith("error: builder for")]
+    cause = (causes or stated or errors)[-1]
+    block_end = next((i for i in errors if i > cause), len(lines))
+    parts = [_useful(lines[cause:block_end])]
+    frames = _package_set_frames(lines)
+    if frames:
+        parts.append("\n".join(frames))
+    others = [lines[i].strip() for i in stated if i != cause]
+    if others:
+        parts.append("\n".join(others))
+    if any(lines[i].lstrip().startswith("error: builder for") for i in errors):
+        builder_output = [
+            line for line in lines[: errors[0]] if line.strip() and not _is_nix_progress(line)
+        ]
         if builder_output:
-            excerpt += "\nlast lines of the build log:\n" + _useful(builder_output[-8:])
-    return excerpt
+            parts.append("last lines of the build log:\n" + _useful(builder_output[-8:]))
+    return _bounded("\n".join(parts))
+
+
+#: Characters of Nix's error a client is shown.
+ERROR_EXCERPT_CHARS = 2000
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def _package_set_frames(lines: Sequence[str]) -> list[str]:
+    """Trace frames ("… while evaluating …") located outside nixeryd's own expression."""
+    frames = []
+    for i, line in enumerate(lines):
+        text = line.strip()
+        if not text.startswith("…"):
+            continue
+        location = next((other.strip() for other in lines[i + 1 : i + 3] if other.strip()), "")
+        if location.startswith("at ") and "/nixeryd.nix:" not in location:
+            frames.append(f"{text} ({location.rstrip(':')})")
+    return frames
 
 
 def _useful(lines: Sequence[str]) -> str:
-    kept = [line.rstrip() for line in lines if line.strip() and "--show-trace" not in line]
+    kept = [line.strip() for line in lines if line.strip() and "--show-trace" not in line]
     return "\n".join(kept[:ERROR_EXCERPT_LINES])
+
+
+def _bounded(text: str) -> str:
+    if len(text) <= ERROR_EXCERPT_CHARS:
+        return text
+    return text[: ERROR_EXCERPT_CHARS - 1] + "…"
 
 
 def _is_nix_progress(line: str) -> bool:

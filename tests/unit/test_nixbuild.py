@@ -1,4 +1,8 @@
-from nixeryd.nixbuild import nix_error_excerpt
+from pathlib import Path
+
+import pytest
+
+from nixeryd.nixbuild import ERROR_EXCERPT_CHARS, nix_error_excerpt
 
 
 def test_evaluation_errors_start_at_the_error_line() -> None:
@@ -30,3 +34,58 @@ def test_build_failures_carry_the_builders_last_lines() -> None:
 def test_without_an_error_line_the_last_lines_are_shown() -> None:
     assert nix_error_excerpt(["a", "", "b"]) == "a\nb"
     assert nix_error_excerpt([]) == "Nix failed without an error message"
+
+
+#: Real stderr of failing Nix runs (tests/unit/data/nix-errors/capture.sh), and the
+#: cause each excerpt must start with, on every Nix version captured.
+CAUSES = {
+    "eval-throw": "error: nixeryd-test: this package fails to evaluate",
+    "build-failure": "error: builder for '/nix/store/3s80paxnccxkia32a3fvhavjam8c16c7-broken",
+    "missing-attribute": "error: attribute 'noSuchAttribute' missing",
+    "download-failure": "error: unable to download 'file:///nonexistent/nixeryd-test/",
+    "unknown-commit": "error: Cannot find Git revision '0123456789abcdef",
+    "unfree": "error: Refusing to evaluate package 'unrar-7.2.6'",
+    "broken": "error: Refusing to evaluate package 'libbap-master-2022-07-13'",
+    "insecure": "error: Refusing to evaluate package 'python3.13-kerberos-1.3.1'",
+    "removed-alias": "error: '_0verkill' has been removed due to lack of maintenance",
+}
+CAPTURED = sorted((Path(__file__).parent / "data" / "nix-errors").glob("*.txt"))
+
+
+@pytest.mark.parametrize("capture", CAPTURED, ids=[path.stem for path in CAPTURED])
+def test_the_excerpt_starts_with_the_cause_on_every_nix(capture: Path) -> None:
+    case = capture.stem.rsplit("-nix-", 1)[0]
+    excerpt = nix_error_excerpt(capture.read_text().splitlines())
+    assert excerpt.startswith(CAUSES[case])
+    assert "nixeryd.nix" not in excerpt
+    assert len(excerpt) <= ERROR_EXCERPT_CHARS
+
+
+def test_every_case_is_captured_on_both_nix_versions() -> None:
+    captured = {path.stem for path in CAPTURED}
+    for case in CAUSES:
+        assert f"{case}-nix-2.18" in captured
+    for case in ("eval-throw", "build-failure", "missing-attribute", "download-failure"):
+        assert f"{case}-nix-2.8" in captured
+
+
+def test_package_set_frames_are_kept_and_colours_stripped() -> None:
+    stderr = [
+        "\x1b[31;1merror:\x1b[0m",
+        "       … while evaluating attribute 'packages'",
+        "",
+        "         at /src/nixeryd/nix/nixeryd.nix:171:3:",
+        "       … while evaluating the attribute 'hello'",
+        "",
+        "         at /nixpkgs/pkgs/top-level/all-packages.nix:12:3:",
+        "       \x1b[31;1merror:\x1b[0m attribute 'gettext' missing",
+    ]
+    assert nix_error_excerpt(stderr).splitlines() == [
+        "error: attribute 'gettext' missing",
+        "… while evaluating the attribute 'hello'"
+        " (at /nixpkgs/pkgs/top-level/all-packages.nix:12:3)",
+    ]
+
+
+def test_the_excerpt_is_bounded() -> None:
+    assert len(nix_error_excerpt(["error: " + "x" * 5000])) == ERROR_EXCERPT_CHARS

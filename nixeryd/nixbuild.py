@@ -77,8 +77,11 @@ def nix_error_excerpt(stderr: Sequence[str]) -> str:
             _bounded(_useful(lines[-ERROR_EXCERPT_LINES:])) or "Nix failed without an error message"
         )
     stated = [i for i in errors if lines[i].strip() != "error:"]
-    causes = [i for i in stated if not lines[i].lstrip().startswith("error: builder for")]
-    cause = (causes or stated or errors)[-1]
+    # A failed build ends with consequences ("1 dependencies of derivation ... failed to
+    # build", "build of ... failed"); its cause is the first builder that failed.
+    causes = [i for i in stated if not _BUILD_CONSEQUENCE.match(lines[i].lstrip())]
+    builders = [i for i in stated if lines[i].lstrip().startswith("error: builder for")]
+    cause = causes[-1] if causes else builders[0] if builders else (stated or errors)[-1]
     block_end = next((i for i in errors if i > cause), len(lines))
     parts = [_useful(lines[cause:block_end])]
     frames = _package_set_frames(lines)
@@ -98,6 +101,10 @@ def nix_error_excerpt(stderr: Sequence[str]) -> str:
 
 #: Characters of Nix's error a client is shown.
 ERROR_EXCERPT_CHARS = 2000
+
+_BUILD_CONSEQUENCE = re.compile(
+    r"error: (builder for |build of |\d+ dependencies of derivation |some outputs of )"
+)
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 

@@ -89,3 +89,19 @@ def test_package_set_frames_are_kept_and_colours_stripped() -> None:
 
 def test_the_excerpt_is_bounded() -> None:
     assert len(nix_error_excerpt(["error: " + "x" * 5000])) == ERROR_EXCERPT_CHARS
+
+
+def test_a_failed_build_is_explained_by_its_first_builder_not_the_consequences() -> None:
+    """As Nix 2.18 ends a nixpkgs build that cannot download its sources."""
+    stderr = [
+        "warning: error: unable to download 'https://ftpmirror.gnu.org/bash/bash-5.3.tar.gz':"
+        " Couldn't resolve host name (6); retrying in 260 ms",
+        "error: unable to download 'https://ftpmirror.gnu.org/bash/bash-5.3.tar.gz':"
+        " Couldn't resolve host name (6)",
+        "error: builder for '/nix/store/y84s-bash-5.3.tar.gz.drv' failed with exit code 1",
+        "error: 1 dependencies of derivation '/nix/store/v8jl-bash-5.3.drv' failed to build",
+        "error: build of '/nix/store/0j6k-hello-2.12.3.drv' failed",
+    ]
+    assert nix_error_excerpt(stderr).startswith(
+        "error: unable to download 'https://ftpmirror.gnu.org/bash/bash-5.3.tar.gz'"
+    )

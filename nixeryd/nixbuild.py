@@ -170,7 +170,7 @@ class Nix:
     @property
     def evaluation_identity(self) -> str:
         """What, besides the source and the image name, decides what evaluation gives:
-        the nixpkgs configuration and the content of its Nix files, read now. Part of the
+        the nixpkgs configuration and the content of its Nix files, read at each call. Part of the
         key of manifests cached by source pin, so that a site that changes them is
         answered with new images."""
         files_content = hashlib.sha256()

@@ -64,11 +64,12 @@ def nix_error_excerpt(stderr: Sequence[str]) -> str:
 
     Nix >= 2.13 prints the trace before the cause, and the trace's first frames
     are nixeryd's own ``nix/nixeryd.nix``; so the excerpt starts at the last
-    ``error:`` that states a cause (a "builder for" line only when nothing else
-    does), then the trace frames located outside ``nixeryd.nix`` (the package
-    set's), then the other error lines, and, when a builder failed, the last
-    lines it printed. ANSI colours are stripped; the whole stays under
-    ``ERROR_EXCERPT_CHARS``. The log keeps every line.
+    ``error:`` that states a cause (for a failed build, whose last errors are its
+    consequences, the first "builder for" line), then the trace frames located
+    outside ``nixeryd.nix`` (the package set's), then the other error lines,
+    and, when a builder failed, the last lines it printed. ANSI colours are
+    stripped; the whole stays under ``ERROR_EXCERPT_CHARS``. The log keeps every
+    line.
     """
     lines = [_ANSI.sub("", line).rstrip() for line in stderr]
     errors = [i for i, line in enumerate(lines) if line.lstrip().startswith("error:")]
@@ -90,7 +91,7 @@ def nix_error_excerpt(stderr: Sequence[str]) -> str:
     others = [lines[i].strip() for i in stated if i != cause]
     if others:
         parts.append("\n".join(others))
-    if any(lines[i].lstrip().startswith("error: builder for") for i in errors):
+    if builders:
         builder_output = [
             line for line in lines[: errors[0]] if line.strip() and not _is_nix_progress(line)
         ]
@@ -166,22 +167,15 @@ class Nix:
         self._env = env
         self._gc_roots = gc_roots
         self._expression = expression or Path(str(files("nixeryd") / "nixexprs" / "nixeryd.nix"))
+        self._evaluation_identity = _evaluation_identity(self._nixpkgs_config, self._overlays)
 
     @property
     def evaluation_identity(self) -> str:
         """What, besides the source and the image name, decides what evaluation gives:
-        the nixpkgs configuration and the content of its Nix files, read at each call. Part of the
-        key of manifests cached by source pin, so that a site that changes them is
-        answered with new images."""
-        files_content = hashlib.sha256()
-        for path in (self._nixpkgs_config or {}).get("configFile"), *self._overlays:
-            if path is not None:
-                files_content.update(path.encode() + b"\0")
-                with contextlib.suppress(OSError):
-                    files_content.update(Path(path).read_bytes())
-        return json.dumps(
-            [self._nixpkgs_config, self._overlays, files_content.hexdigest()], sort_keys=True
-        )
+        the nixpkgs configuration and the content of its Nix files as read at start-up.
+        Part of the key of manifests cached by source pin, so that a site that changes
+        them is answered with new images after a restart."""
+        return self._evaluation_identity
 
     def _command(self, name: str) -> str:
         return nix_command(self._bin_dir, name)
@@ -299,6 +293,18 @@ class Nix:
             raise BuildFailed(
                 f"closure query of {image.canonical} printed an unexpected result: {error}"
             ) from error
+
+
+def _evaluation_identity(nixpkgs_config: Mapping[str, Any] | None, overlays: Sequence[str]) -> str:
+    """The nixpkgs configuration and its files' content, once: the pinned manifest key
+    is computed on every request for a pinned image, which should read no files."""
+    files_content = hashlib.sha256()
+    for path in (nixpkgs_config or {}).get("configFile"), *overlays:
+        if path is not None:
+            files_content.update(path.encode() + b"\0")
+            with contextlib.suppress(OSError):
+                files_content.update(Path(path).read_bytes())
+    return json.dumps([nixpkgs_config, list(overlays), files_content.hexdigest()], sort_keys=True)
 
 
 def nix_command(bin_dir: str | None, name: str) -> str:

@@ -20,6 +20,10 @@ Caches, cheapest first:
   that a HEAD after a failed GET and a client's retries do not rebuild. A
   timeout is not remembered: a busy machine or a slow download may pass.
 
+A whole image is bounded by ``build_timeout`` (``NIXERYD_BUILD_TIMEOUT``): when
+it passes, the build's Deferred is cancelled, which kills the Nix command it
+is waiting for (see :mod:`nixeryd.process`).
+
 An image name without a platform prefix stands for one image per configured
 platform, built concurrently and listed by an index; a platform that cannot be
 built (no builder for its Nix system, a package missing there) is left out of
@@ -40,6 +44,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, replace
 from typing import IO, Any, cast
 
+from twisted.internet import defer
 from twisted.internet.defer import Deferred, FirstError, gatherResults, inlineCallbacks
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -80,6 +85,9 @@ FORMAT_VERSION = "nixeryd-1"
 
 #: Manifests of pinned images kept in memory, in front of storage.
 LOCAL_MANIFEST_CACHE_SIZE = 1024
+
+#: Build failures the index page lists, newest first.
+RECENT_ERRORS = 20
 
 #: How long a platform that failed to build is left out of its image's index
 #: before it is tried again: a missing builder does not appear within seconds,
@@ -128,12 +136,14 @@ class TaggedImage:
 @dataclass(frozen=True)
 class BuildError:
     """A failed build, kept for the index page (a registry error cannot reach ``docker pull``
-    when the client hides it)."""
+    when the client hides it), with what Nix printed for it (None when Nix did not run)."""
 
+    number: int
     when: float
     image: str
     tag: str
     message: str
+    log: str | None
 
 
 class ImageBuilder:
@@ -159,12 +169,14 @@ class ImageBuilder:
         write_in_thread: Callable[[Callable[[], Any]], Deferred[Any]] | None = None,
         compress_pool: Executor | None = None,
         failure_ttl: float = 60.0,
+        build_timeout: float = 3600.0,
     ) -> None:
         """``write_in_thread`` runs layer writes (``run_in_thread`` if None): a pool as
         large as the cores, apart from the pool for short blocking calls;
         ``compress_pool`` compresses blocks of each layer in parallel, so that one
         large layer uses every core too; ``failure_ttl`` is how long a moving source's
-        failed image is answered from memory (0: never)."""
+        failed image is answered from memory (0: never); ``build_timeout`` bounds
+        one image's evaluation, build and layers."""
         self._nix = nix
         self._source = source
         self._storage = storage
@@ -185,8 +197,10 @@ class ImageBuilder:
         self._indexes: OrderedDict[tuple[str, ...], Mapping[str, StoredManifest]] = OrderedDict()
         #: (platform image, tag) -> until when it is left out of its index; oldest first.
         self._unbuildable: OrderedDict[tuple[str, str], float] = OrderedDict()
-        self.recent_errors: deque[BuildError] = deque(maxlen=20)
+        self.recent_errors: deque[BuildError] = deque(maxlen=RECENT_ERRORS)
+        self._errors_recorded = 0
         self._failure_ttl = failure_ttl
+        self._build_timeout = build_timeout
         #: (kind, image, tag or pin, ...) -> (until when, the error answered); oldest first.
         self._failures: OrderedDict[tuple[str, ...], tuple[float, RegistryError]] = OrderedDict()
 
@@ -259,34 +273,63 @@ class ImageBuilder:
 
     @inlineCallbacks
     def _image(self, image: ImageTarget, tag: str) -> Any:
+        source: SourceRef = yield self._source.resolve(tag)
+        popularity: Popularity = yield self._popularity.get()
+        pin_key = None
+        if source.pin is not None:
+            pin_key = self._manifest_key("pin", image.canonical, source.pin, popularity)
+            cached = yield self._cached_manifests(pin_key, image.platform)
+            if cached is not None:
+                return replace(cached, pinned=source.pin == tag)
+        failure_key = self._failure_key(image, tag, source)
+        remembered = self._failures.get(failure_key)
+        if remembered is not None and remembered[0] > self._clock.seconds():
+            self._failures.move_to_end(failure_key)
+            raise remembered[1]
         try:
-            source: SourceRef = yield self._source.resolve(tag)
-            popularity: Popularity = yield self._popularity.get()
-            pin_key = None
-            if source.pin is not None:
-                pin_key = self._manifest_key("pin", image.canonical, source.pin, popularity)
-                cached = yield self._cached_manifests(pin_key, image.platform)
-                if cached is not None:
-                    return replace(cached, pinned=source.pin == tag)
-            failure_key = self._failure_key(image, tag, source)
-            remembered = self._failures.get(failure_key)
-            if remembered is not None and remembered[0] > self._clock.seconds():
-                self._failures.move_to_end(failure_key)
-                raise remembered[1]
-            try:
-                built = yield self._built(image, tag, source, popularity)
-            except BuildTimedOut:
-                raise
-            except RegistryError as error:
-                self._remember_failure(failure_key, source, error)
-                raise
-            if pin_key is not None:
-                yield self._remember(pin_key, built)
-                return replace(built, pinned=source.pin == tag)
-            return built
+            built = yield self._bounded(self._built(image, tag, source, popularity), image)
         except RegistryError as error:
-            self.recent_errors.append(BuildError(time.time(), image.canonical, tag, error.message))
+            self._record_error(image, tag, error)
+            if not isinstance(error, BuildTimedOut):
+                self._remember_failure(failure_key, source, error)
             raise
+        if pin_key is not None:
+            yield self._remember(pin_key, built)
+            return replace(built, pinned=source.pin == tag)
+        return built
+
+    def _bounded(self, build: Deferred[BuiltImage], image: ImageTarget) -> Deferred[BuiltImage]:
+        """``build``, cancelled (and its Nix killed) once it has run ``build_timeout``."""
+
+        def timed_out(failure: Failure) -> Failure:
+            if failure.check(defer.TimeoutError):
+                raise BuildTimedOut(
+                    f"{image.canonical} took longer than the build timeout "
+                    f"(NIXERYD_BUILD_TIMEOUT, {self._build_timeout:g} s) and was stopped; try "
+                    "again, or ask the operator to raise NIXERYD_BUILD_TIMEOUT"
+                )
+            return failure
+
+        return build.addTimeout(self._build_timeout, self._clock).addErrback(timed_out)
+
+    def _record_error(self, image: ImageTarget, tag: str, error: RegistryError) -> None:
+        """Keep a new build failure, and what Nix printed for it, for the index page."""
+        self._errors_recorded += 1
+        build_log = self._nix.build_log(image.canonical)
+        self.recent_errors.append(
+            BuildError(
+                self._errors_recorded,
+                time.time(),
+                image.canonical,
+                tag,
+                error.message,
+                build_log.text() if build_log is not None else None,
+            )
+        )
+
+    def recent_error(self, number: int) -> BuildError | None:
+        """The recent build failure numbered ``number``, if it is still kept."""
+        return next((error for error in self.recent_errors if error.number == number), None)
 
     def _failure_key(self, image: ImageTarget, tag: str, source: SourceRef) -> tuple[str, ...]:
         """A pinned source's failure is the pin's (any tag naming it); a moving one's, the tag's."""

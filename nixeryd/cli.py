@@ -117,7 +117,7 @@ def serve(options: Any) -> None:
     config_file = cli.pop("config", None) or os.environ.get("NIXERYD_CONFIG")
     try:
         config = load_config(cli, os.environ, Path(config_file) if config_file else None)
-        start_logging(config.log_format)
+        start_logging(config.log_format, level=config.log_level)
         service = make_service(config, reactor)
     except (ConfigError, ValueError) as error:
         print(f"nixeryd: configuration error: {error}", file=sys.stderr)

@@ -41,7 +41,10 @@ class Config:
     package_source: str = "path"
     storage_backend: str = "filesystem"
     storage_path: str = "nixeryd-storage"
+    #: Seconds a Nix builder may run, and may be silent (Nix's --timeout, --max-silent-time).
     nix_timeout: float = 60.0
+    #: Seconds a whole image may take: evaluation, builds, closure query and layers.
+    build_timeout: float = 3600.0
     failure_ttl: float = 60.0
     popularity_url: str | None = None
     layering_strategy: str = "stable"
@@ -50,6 +53,7 @@ class Config:
     platforms: tuple[Platform, ...] = field(default_factory=lambda: (host_platform(),))
     nix_bin_dir: str | None = None
     log_format: str = "text"
+    log_level: str = "info"
     #: Log a line per request (twisted.web's combined log format).
     access_log: bool = True
     layer_compressor: str = field(default_factory=default_compressor)
@@ -188,7 +192,20 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option("storage_backend", "name of the storage plugin", ("NIXERY_STORAGE_BACKEND",)),
     Option("storage_path", "directory of the filesystem storage", ("STORAGE_PATH",)),
-    Option("nix_timeout", "seconds each Nix invocation may run", ("NIX_TIMEOUT",), _positive_float),
+    Option(
+        "nix_timeout",
+        "seconds each Nix builder may run, and may print nothing, before Nix stops it "
+        "(nix-store --timeout and --max-silent-time)",
+        ("NIX_TIMEOUT",),
+        _positive_float,
+    ),
+    Option(
+        "build_timeout",
+        "seconds one image may take in all (evaluation, builds, closure query, layers) "
+        "before nixeryd stops its Nix and answers an error",
+        ("NIXERYD_BUILD_TIMEOUT",),
+        _positive_float,
+    ),
     Option(
         "failure_ttl",
         "seconds a failed image of a moving source (a path, a branch) is answered again "
@@ -255,6 +272,12 @@ OPTIONS: tuple[Option, ...] = (
         _nix_files,
     ),
     Option("log_format", "text or json", ("NIXERYD_LOG_FORMAT",), _one_of("text", "json")),
+    Option(
+        "log_level",
+        "least level logged: debug (adds every line Nix prints), info, warn or error",
+        ("NIXERYD_LOG_LEVEL",),
+        _one_of("debug", "info", "warn", "error"),
+    ),
     Option(
         "access_log",
         "log a line per request: true or false (false triples the rate of cached answers)",

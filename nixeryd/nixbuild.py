@@ -1,13 +1,20 @@
 """Nix: evaluate an image's packages, realise them, and query their runtime closure.
 
-Three invocations per uncached image, each through the process seam with
-``NIX_TIMEOUT`` and every stderr line logged as it arrives, tagged with the
-image:
+Three invocations per uncached image, each through the process seam:
 
 1. ``nix-instantiate --eval`` of ``nix/nixeryd.nix`` resolves the requested
    names in the package set and reports the missing ones, or the derivations;
-2. ``nix-store --realise`` builds (or substitutes) those derivations;
+2. ``nix-store --realise`` builds (or substitutes) those derivations, each
+   builder limited by ``NIX_TIMEOUT`` (Nix's ``--timeout`` and
+   ``--max-silent-time``, as Nixery passes it);
 3. ``nix path-info --json --recursive`` reports the closure graph.
+
+What Nix prints is logged as it arrives, tagged with the image, in two
+measures: every line at debug level, and at info only what says what happens
+(how many derivations will be built, paths fetched, the first warnings) and how
+each step ended; a nixpkgs image prints a line per derivation, a thousand for
+a small one. Every line is also kept in the image's :class:`BuildLog`, which
+the index page serves for a failed build.
 """
 
 from __future__ import annotations
@@ -15,9 +22,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import re
 import shutil
 import tempfile
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib.resources import files
@@ -35,6 +44,15 @@ from nixeryd.sources import SourceRef
 
 #: Lines of Nix's error a client is shown; the log keeps all of them.
 ERROR_EXCERPT_LINES = 12
+
+#: Lines of one image's Nix output a :class:`BuildLog` keeps; later ones are counted.
+BUILD_LOG_LINES = 20_000
+
+#: Images whose last Nix output is kept.
+BUILD_LOGS_KEPT = 64
+
+#: Warnings of one step logged at info; the others at debug.
+INFO_WARNINGS = 3
 
 
 @dataclass(frozen=True)
@@ -82,15 +100,19 @@ def nix_error_excerpt(stderr: Sequence[str]) -> str:
     # build", "build of ... failed"); its cause is the first builder that failed.
     causes = [i for i in stated if not _BUILD_CONSEQUENCE.match(lines[i].lstrip())]
     builders = [i for i in stated if lines[i].lstrip().startswith("error: builder for")]
+    consequences = {i for i in stated if _DEPENDENT_NOT_BUILT.match(lines[i].lstrip())}
     cause = causes[-1] if causes else builders[0] if builders else (stated or errors)[-1]
     block_end = next((i for i in errors if i > cause), len(lines))
     parts = [_useful(lines[cause:block_end])]
     frames = _package_set_frames(lines)
     if frames:
         parts.append("\n".join(frames))
-    others = [lines[i].strip() for i in stated if i != cause]
+    others = [lines[i].strip() for i in stated if i != cause and i not in consequences]
     if others:
         parts.append("\n".join(others))
+    if consequences:
+        not_built = len(consequences)
+        parts.append(f"({not_built} more errors: the derivations that depend on it were not built)")
     if builders:
         builder_output = [
             line for line in lines[: errors[0]] if line.strip() and not _is_nix_progress(line)
@@ -106,6 +128,10 @@ ERROR_EXCERPT_CHARS = 2000
 _BUILD_CONSEQUENCE = re.compile(
     r"error: (builder for |build of |\d+ dependencies of derivation |some outputs of )"
 )
+
+#: The errors a failed build ends with that only follow from the first: derivations
+#: that depend on a failed one, and the summary of what was asked for.
+_DEPENDENT_NOT_BUILT = re.compile(r"error: (\d+ dependencies of derivation |build of )")
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
@@ -137,7 +163,93 @@ def _bounded(text: str) -> str:
 def _is_nix_progress(line: str) -> bool:
     """Lines Nix prints about what it builds, as opposed to the builder's own output."""
     text = line.strip()
-    return text.startswith(("building '", "this derivation", "these ", "warning:", "/nix/store/"))
+    return text.startswith(
+        ("building '", "this derivation", "these ", "warning:", "/nix/store/", "waiting for lock")
+    )
+
+
+class BuildLog:
+    """Every line Nix printed for one image's latest evaluation and build, in order.
+
+    Kept so that an operator can read a failed build whole without turning on
+    debug logging and asking the client to pull again.
+    """
+
+    def __init__(self, image: str) -> None:
+        self.image = image
+        self.lines: list[str] = []
+        self.dropped = 0
+
+    def add(self, step: str, line: str) -> None:
+        if len(self.lines) < BUILD_LOG_LINES:
+            self.lines.append(f"{step}: {line}")
+        else:
+            self.dropped += 1
+
+    def text(self) -> str:
+        dropped = f"({self.dropped} more lines not kept)\n" if self.dropped else ""
+        return "".join(f"{line}\n" for line in self.lines) + dropped
+
+
+#: Nix's announcement of what it will do: "these 956 derivations will be built:",
+#: "this path will be fetched (0.12 MiB download, 0.50 MiB unpacked):".
+_PLAN = re.compile(r"^(these \d+|this) (derivations?|paths?) will be (built|fetched)")
+
+_WARNING = ("warning:", "evaluation warning:", "trace: warning:")
+
+#: A retried download: transient, and repeated up to five times per file.
+_RETRY = re.compile(r"^warning: .*; retrying in \d+ ms$")
+
+
+class _StepOutput:
+    """One Nix invocation's stderr, line by line: all of it to the image's build log
+    and the debug log; its plan and first warnings at info; counts for its summary."""
+
+    def __init__(self, log: Logger, image: str, step: str, build_log: BuildLog) -> None:
+        self._log = log
+        self._image = image
+        self._step = step
+        self._build_log = build_log
+        self.lines = 0
+        self.builds = 0
+        self.copies = 0
+        self._warnings = 0
+
+    def __call__(self, line: str) -> None:
+        self.lines += 1
+        self._build_log.add(self._step, line)
+        self._log.debug("{image} {step}: {line}", image=self._image, step=self._step, line=line)
+        text = _ANSI.sub("", line).strip()
+        if text.startswith("building '"):
+            self.builds += 1
+        elif text.startswith("copying path '"):
+            self.copies += 1
+        elif _PLAN.match(text):
+            self._info(text)
+        elif text.startswith(_WARNING) and not _RETRY.match(text):
+            self._warnings += 1
+            if self._warnings <= INFO_WARNINGS:
+                self._info(text)
+            elif self._warnings == INFO_WARNINGS + 1:
+                self._info("further warnings are logged at debug level")
+
+    def _info(self, text: str) -> None:
+        self._log.info("{image} {step}: {line}", image=self._image, step=self._step, line=text)
+
+    def summary(self) -> str:
+        done = [f"{self.lines} lines of output"]
+        if self.builds:
+            done.append(f"{self.builds} builds")
+        if self.copies:
+            done.append(f"{self.copies} paths fetched")
+        return ", ".join(done)
+
+
+#: How Nix says a builder ran longer than --timeout or was silent longer than
+#: --max-silent-time (Nix 2.8 to 2.18 and later).
+_BUILDER_TIMED_OUT = re.compile(
+    r"^error: building of '.*' (from .drv file )?timed out after \d+ seconds"
+)
 
 
 class Nix:
@@ -149,7 +261,8 @@ class Nix:
         self,
         processes: ProcessRunner,
         *,
-        timeout: float,
+        builder_timeout: float,
+        step_timeout: float,
         bin_dir: str | None = None,
         env: Mapping[str, str] | None = None,
         expression: Path | None = None,
@@ -157,12 +270,18 @@ class Nix:
         nixpkgs_config: Mapping[str, Any] | None = None,
         overlays: Sequence[str] = (),
     ) -> None:
-        """``nixpkgs_config`` and ``overlays`` are passed to a package set that takes
-        them (see ``nix/nixeryd.nix``); None and () leave nixpkgs' own in force."""
+        """``builder_timeout`` (``NIX_TIMEOUT``) is how long one Nix builder may run and
+        may be silent; ``step_timeout`` bounds each Nix invocation as a whole (the
+        builder bounds a whole image with ``NIXERYD_BUILD_TIMEOUT`` as well, by
+        cancelling). ``nixpkgs_config`` and ``overlays`` are passed to a package set
+        that takes them (see ``nix/nixeryd.nix``); None and () leave nixpkgs' own in
+        force."""
         self._processes = processes
         self._nixpkgs_config = None if nixpkgs_config is None else dict(nixpkgs_config)
         self._overlays = tuple(overlays)
-        self._timeout = timeout
+        self._builder_timeout = builder_timeout
+        self._step_timeout = step_timeout
+        self._build_logs: OrderedDict[str, BuildLog] = OrderedDict()
         self._bin_dir = bin_dir
         self._env = env
         self._gc_roots = gc_roots
@@ -180,25 +299,40 @@ class Nix:
     def _command(self, name: str) -> str:
         return nix_command(self._bin_dir, name)
 
+    def build_log(self, image: str) -> BuildLog | None:
+        """What Nix printed for the latest evaluation and build of ``image`` (canonical)."""
+        return self._build_logs.get(image)
+
+    def _new_build_log(self, image: str) -> None:
+        """Start ``image``'s log afresh: an evaluation begins each build of it."""
+        self._build_logs.pop(image, None)
+        self._build_logs[image] = BuildLog(image)
+        while len(self._build_logs) > BUILD_LOGS_KEPT:
+            self._build_logs.popitem(last=False)
+
+    def _log_for(self, image: str) -> BuildLog:
+        if image not in self._build_logs:
+            self._new_build_log(image)
+        return self._build_logs[image]
+
     @inlineCallbacks
     def _run(self, argv: Sequence[str], image: str, step: str) -> Any:
-        def log_line(line: str) -> None:
-            self.log.info("{image} {step}: {line}", image=image, step=step, line=line)
-
+        output = _StepOutput(self.log, image, step, self._log_for(image))
         try:
             result: ProcessResult = yield self._processes.run(
-                argv, timeout=self._timeout, on_stderr_line=log_line, env=self._env
+                argv, timeout=self._step_timeout, on_stderr_line=output, env=self._env
             )
         except ProcessTimedOut as timed_out:
             self.log.error(
                 "{image} {step}: killed after {timeout:g} s",
                 image=image,
                 step=step,
-                timeout=self._timeout,
+                timeout=self._step_timeout,
             )
             raise BuildTimedOut(
-                f"{step} of {image} took longer than NIX_TIMEOUT ({self._timeout:g} s) and was "
-                "stopped; try again, or ask the operator to raise NIX_TIMEOUT",
+                f"{step} of {image} took longer than the build timeout "
+                f"(NIXERYD_BUILD_TIMEOUT, {self._step_timeout:g} s) and was stopped; try again, "
+                "or ask the operator to raise NIXERYD_BUILD_TIMEOUT",
                 detail={"step": step, "log": list(timed_out.stderr_tail[-ERROR_EXCERPT_LINES:])},
             ) from timed_out
         except OSError as error:
@@ -206,13 +340,24 @@ class Nix:
         if result.exit_code != 0:
             excerpt = nix_error_excerpt(result.stderr_tail)
             self.log.error(
-                "{image} {step} failed (exit {code}): {excerpt}",
+                "{image} {step} failed (exit {code}; {summary}): {excerpt}",
                 image=image,
                 step=step,
                 code=result.exit_code,
+                summary=output.summary(),
                 excerpt=excerpt,
             )
+            if any(_BUILDER_TIMED_OUT.match(line) for line in result.stderr_tail):
+                raise BuildTimedOut(
+                    f"a builder of {image} ran longer than NIX_TIMEOUT "
+                    f"({self._builder_timeout:g} s), or printed nothing for that long, and Nix "
+                    "stopped it; try again, or ask the operator to raise NIX_TIMEOUT:\n" + excerpt,
+                    detail={"step": step},
+                )
             raise BuildFailed(f"{step} of {image} failed:\n{excerpt}", detail={"step": step})
+        self.log.info(
+            "{image} {step} done ({summary})", image=image, step=step, summary=output.summary()
+        )
         return result.stdout
 
     @inlineCallbacks
@@ -230,6 +375,7 @@ class Nix:
             "--argstr", "nixpkgsConfig", json.dumps(self._nixpkgs_config, sort_keys=True),
             "--argstr", "overlays", json.dumps(list(self._overlays)),
         ]  # fmt: skip
+        self._new_build_log(image.canonical)
         stdout = yield self._run(argv, image.canonical, "evaluation")
         try:
             report = json.loads(stdout)
@@ -262,9 +408,11 @@ class Nix:
             self._gc_roots.mkdir(parents=True, exist_ok=True)
             roots = Path(tempfile.mkdtemp(dir=self._gc_roots))
             add_root = ["--add-root", str(roots / "result"), "--indirect"]
+        seconds = str(max(1, math.ceil(self._builder_timeout)))  # Nix takes whole seconds
+        limits = ["--timeout", seconds, "--max-silent-time", seconds]
         try:
             yield self._run(
-                [self._command("nix-store"), "--realise", *add_root, *drvs],
+                [self._command("nix-store"), "--realise", *limits, *add_root, *drvs],
                 image.canonical,
                 "build",
             )

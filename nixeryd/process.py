@@ -4,8 +4,10 @@ Nix is the only program nixeryd runs, and it runs long: builds print their
 logs as they go. :class:`ReactorProcessRunner` spawns the command through the
 reactor (never blocking it), hands each stderr line to a callback the moment
 it is complete, collects stdout, and on timeout kills the command's whole
-process group, so builders Nix started die with it. Tests substitute an
-expectation fake with the same :class:`ProcessRunner` interface.
+process group, so builders Nix started die with it; cancelling the Deferred
+kills it the same way, so a caller's own deadline (a whole image's build)
+stops the command it is waiting for. Tests substitute an expectation fake
+with the same :class:`ProcessRunner` interface.
 """
 
 from __future__ import annotations
@@ -62,7 +64,8 @@ class ProcessRunner(Protocol):
         env: Mapping[str, str] | None = None,
     ) -> Deferred[ProcessResult]:
         """Run ``argv``; fire with its result (any exit code), or fail with
-        :class:`ProcessTimedOut`. ``on_stderr_line`` sees each line as it arrives."""
+        :class:`ProcessTimedOut`. ``on_stderr_line`` sees each line as it arrives.
+        Cancelling the Deferred kills the command and its process group."""
         ...
 
 
@@ -76,7 +79,7 @@ class _StreamingProtocol(ProcessProtocol):
         self.argv = tuple(argv)
         self.timeout = timeout
         self.on_stderr_line = on_stderr_line
-        self.done: Deferred[ProcessResult] = Deferred()
+        self.done: Deferred[ProcessResult] = Deferred(canceller=lambda _: self.kill_group())
         self.timed_out = False
         self._stdout: list[bytes] = []
         self._partial = b""
@@ -95,8 +98,11 @@ class _StreamingProtocol(ProcessProtocol):
         self._tail.append(text)
         self.on_stderr_line(text)
 
-    def kill_group(self) -> None:
+    def time_out(self) -> None:
         self.timed_out = True
+        self.kill_group()
+
+    def kill_group(self) -> None:
         pid = self.transport.pid if self.transport is not None else None
         if pid is None:
             return
@@ -147,7 +153,7 @@ class ReactorProcessRunner:
             childFDs={0: "w", 1: "r", 2: "r"},
         )
         transport.closeStdin()
-        timer = self._reactor.callLater(timeout, protocol.kill_group)
+        timer = self._reactor.callLater(timeout, protocol.time_out)
 
         def cancel_timer(result: Any) -> Any:
             if timer.active():

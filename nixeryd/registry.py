@@ -88,11 +88,23 @@ class RegistryApp:
         errors = "".join(
             f"<li><code>{html.escape(e.image)}:{html.escape(e.tag)}</code> "
             f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(e.when))} UTC"
-            f"<pre>{html.escape(e.message)}</pre></li>"
+            + (f' (<a href="/errors/{e.number}/log">full log</a>)' if e.log is not None else "")
+            + f"<pre>{html.escape(e.message)}</pre></li>"
             for e in reversed(self._builder.recent_errors)
         )
         page = _INDEX.format(host=host, errors=errors or "<li>none</li>")
         return page.encode()
+
+    @app.route("/errors/<int:number>/log", methods=["GET", "HEAD"])
+    def error_log(self, request: Request, number: int) -> bytes:
+        """Everything Nix printed for a recent failed build the index page lists."""
+        error = self._builder.recent_error(number)
+        if error is None or error.log is None:
+            request.setResponseCode(404)
+            request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+            return b"no such recent build error; the index page lists the ones kept\n"
+        request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+        return f"{error.image}:{error.tag}\n\n{error.log}".encode()
 
     @app.route("/v2/", methods=["GET", "HEAD"])
     @app.route("/v2", methods=["GET", "HEAD"])

@@ -81,7 +81,8 @@ def make_registry(
     builder = ImageBuilder(
         nix=Nix(
             processes,
-            timeout=config.nix_timeout,
+            builder_timeout=config.nix_timeout,
+            step_timeout=config.build_timeout,
             bin_dir=config.nix_bin_dir,
             gc_roots=Path(tempfile.gettempdir()) / "nixeryd-gcroots",
             nixpkgs_config=config.nixpkgs_config,
@@ -101,6 +102,7 @@ def make_registry(
         write_in_thread=write_in_thread,
         compress_pool=compress_pool,
         failure_ttl=config.failure_ttl,
+        build_timeout=config.build_timeout,
     )
     log.info(
         "serving {source} source for {platforms}, {storage} storage, "

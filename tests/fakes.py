@@ -16,7 +16,9 @@ class Expect:
     it must contain anywhere), answered with canned output.
 
     ``gate``, when given, holds the answer back until the test fires it, so a
-    test can have many requests arrive while "Nix" is still running.
+    test can have many requests arrive while "Nix" is still running; a caller
+    that cancels the run meanwhile (killing the real command) is counted in
+    ``cancelled``.
     """
 
     prefix: Sequence[str]
@@ -27,6 +29,7 @@ class Expect:
     timed_out: bool = False
     gate: Deferred[None] | None = None
     calls: list[Sequence[str]] = field(default_factory=list)
+    cancelled: int = 0
 
 
 class ExpectingProcessRunner:
@@ -67,8 +70,12 @@ class ExpectingProcessRunner:
 
         if expect.gate is None:
             return finish()
-        gate: Deferred[None] = Deferred()
-        expect.gate.addCallback(lambda _: gate.callback(None))
+
+        def cancel(_: Deferred[None]) -> None:
+            expect.cancelled += 1
+
+        gate: Deferred[None] = Deferred(canceller=cancel)
+        expect.gate.addCallback(lambda _: None if gate.called else gate.callback(None))
         return gate.addCallback(finish)
 
 

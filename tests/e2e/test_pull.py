@@ -196,8 +196,9 @@ def test_a_failed_image_asked_again_runs_nix_once(fresh_daemon: Daemon) -> None:
     again, _, same = fetch(fresh_daemon, "/v2/brokenbuild/manifests/latest")
     assert (get, head, again) == (404, 404, 404)
     assert same == body
-    # Every line the builder prints is logged, prefixed with the step: the build ran once.
-    assert fresh_daemon.log().count("linux/amd64:brokenbuild build: broken-build: configuring") == 1
+    # Each Nix step logs how it ended: the evaluation and the build ran once.
+    assert fresh_daemon.log().count("linux/amd64:brokenbuild evaluation done") == 1
+    assert fresh_daemon.log().count("linux/amd64:brokenbuild build failed") == 1
 
 
 def test_ten_concurrent_requests_run_one_nix_build(fresh_daemon: Daemon) -> None:
@@ -239,10 +240,29 @@ def test_a_timeout_is_reported_and_the_daemon_keeps_serving(tmp_path: Path) -> N
         status, _, body = outcome[0]
         assert status == 404
         message = error_of(body)["message"]
-        assert "NIX_TIMEOUT" in message and "4 s" in message
+        assert message.startswith("a builder of linux/amd64:slow ran longer than NIX_TIMEOUT (4 s)")
+        assert "timed out after 4 seconds" in message
         assert fetch(daemon, "/v2/")[0] == 200
         leftover = subprocess.run(["pgrep", "-f", "slow-1.0"], capture_output=True, text=True)
-        assert leftover.stdout == "", "the killed build left processes behind"
+        assert leftover.stdout == "", "the stopped build left processes behind"
+    finally:
+        daemon.stop()
+
+
+def test_the_build_timeout_stops_a_whole_image(tmp_path: Path) -> None:
+    """A builder within NIX_TIMEOUT is still bounded by the image's
+    own limit; nixeryd kills the Nix it waits for."""
+    daemon = Daemon(tmp_path / "bounded", NIX_TIMEOUT="60", NIXERYD_BUILD_TIMEOUT="3")
+    try:
+        started = time.monotonic()
+        status, _, body = fetch(daemon, "/v2/slow/manifests/latest")
+        assert status == 404
+        assert time.monotonic() - started < 10
+        message = error_of(body)["message"]
+        assert "took longer than the build timeout (NIXERYD_BUILD_TIMEOUT, 3 s)" in message
+        time.sleep(0.5)
+        leftover = subprocess.run(["pgrep", "-f", "slow-1.0"], capture_output=True, text=True)
+        assert leftover.stdout == "", "the stopped build left processes behind"
     finally:
         daemon.stop()
 

@@ -46,6 +46,17 @@ def test_command_line_beats_environment_beats_file(tmp_path: Path) -> None:
     assert config.listen == ("tcp:3", "unix:/run/n.sock")
 
 
+def test_build_limits_and_log_level() -> None:
+    config = load_config({}, {})
+    assert (config.nix_timeout, config.build_timeout, config.log_level) == (60.0, 3600.0, "info")
+    config = load_config({}, {"NIXERYD_BUILD_TIMEOUT": "900", "NIXERYD_LOG_LEVEL": "debug"})
+    assert (config.build_timeout, config.log_level) == (900.0, "debug")
+    with pytest.raises(ConfigError, match=r"NIXERYD_BUILD_TIMEOUT"):
+        load_config({}, {"NIXERYD_BUILD_TIMEOUT": "0"})
+    with pytest.raises(ConfigError, match=r"NIXERYD_LOG_LEVEL.*one of debug, info, warn, error"):
+        load_config({}, {"NIXERYD_LOG_LEVEL": "verbose"})
+
+
 def test_errors_name_the_key_and_its_source(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"\$NIX_TIMEOUT \(nix_timeout\) = 'soon'"):
         load_config({}, {"NIX_TIMEOUT": "soon"})

@@ -1,8 +1,25 @@
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
+from twisted.logger import Logger, LogLevel, formatEvent
+from twisted.trial.unittest import SynchronousTestCase
 
-from nixeryd.nixbuild import ERROR_EXCERPT_CHARS, nix_error_excerpt
+from nixeryd.errors import BuildFailed
+from nixeryd.imagename import parse_image_name
+from nixeryd.nixbuild import (
+    BUILD_LOG_LINES,
+    ERROR_EXCERPT_CHARS,
+    BuildLog,
+    Nix,
+    ResolvedPackage,
+    nix_error_excerpt,
+)
+from nixeryd.platform import AMD64
+from tests.fakes import Expect, ExpectingProcessRunner
+
+DATA = Path(__file__).parent / "data"
+failureResultOf = SynchronousTestCase().failureResultOf
 
 
 def test_evaluation_errors_start_at_the_error_line() -> None:
@@ -105,3 +122,38 @@ def test_a_failed_build_is_explained_by_its_first_builder_not_the_consequences()
     assert nix_error_excerpt(stderr).startswith(
         "error: unable to download 'https://ftpmirror.gnu.org/bash/bash-5.3.tar.gz'"
     )
+
+
+def nix_with(*expect: Expect, builder_timeout: float = 60.0) -> tuple[Nix, list[dict[str, Any]]]:
+    """A Nix over the process fake, and the log events it emits."""
+    events: list[dict[str, Any]] = []
+    nix = Nix(ExpectingProcessRunner(*expect), builder_timeout=builder_timeout, step_timeout=600)
+    nix.log = Logger(observer=cast(Any, events.append))
+    return nix, events
+
+
+def test_a_failed_nixpkgs_build_is_summarised_at_info_and_kept_whole() -> None:
+    """Nix 2.18 planning 956 derivations for nixpkgs' hello, then refused a download."""
+    stderr = (DATA / "nixpkgs-hello-build-nix-2.18.txt").read_text().splitlines()
+    nix, events = nix_with(Expect(["nix-store", "--realise"], exit_code=1, stderr=stderr))
+    package = ResolvedPackage("hello", "hello", "/nix/store/x-hello.drv", "/nix/store/x-hello")
+    failure = failureResultOf(nix.realise([package], parse_image_name("hello").targets([AMD64])[0]))
+    assert failure.check(BuildFailed)
+    shown = [formatEvent(e) for e in events if e["log_level"] >= LogLevel.info]
+    assert sum(text.count("\n") + 1 for text in shown) < 30, "\n".join(shown)
+    assert any("these 956 derivations will be built" in text for text in shown)
+    assert sum(e["log_level"] == LogLevel.debug for e in events) == len(stderr)
+    build_log = nix.build_log("linux/amd64:hello")
+    assert build_log is not None and len(build_log.lines) == len(stderr)
+    message = failure.value.message
+    assert message.splitlines()[1].startswith("error: unable to download")
+    assert "dependencies of derivation" not in message
+    assert "more errors: the derivations that depend on it were not built" in message
+
+
+def test_a_build_log_keeps_a_bounded_number_of_lines() -> None:
+    build_log = BuildLog("linux/amd64:hello")
+    for number in range(BUILD_LOG_LINES + 5):
+        build_log.add("build", f"line {number}")
+    assert len(build_log.lines) == BUILD_LOG_LINES
+    assert build_log.text().endswith("(5 more lines not kept)\n")

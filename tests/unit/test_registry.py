@@ -133,10 +133,63 @@ def test_nix_failures_reach_the_client_and_the_index_page(
 
 
 def test_timeouts_say_what_happened(registry_with: RegistryFactory, nix: FakeNix) -> None:
-    registry = registry_with(nix.evaluation(timed_out=True))
+    registry = registry_with(nix.evaluation(timed_out=True), build_timeout=900.0)
     response, body = registry.get("/v2/hello/manifests/latest")
     assert response.code == 404
-    assert "NIX_TIMEOUT" in json.loads(body)["errors"][0]["message"]
+    message = json.loads(body)["errors"][0]["message"]
+    assert "NIXERYD_BUILD_TIMEOUT, 900 s" in message
+
+
+def test_builders_are_limited_by_nix_timeout(registry_with: RegistryFactory, nix: FakeNix) -> None:
+    """NIX_TIMEOUT is what Nixery makes it: how long each builder may run and be silent."""
+    expectations = building(nix)
+    registry = registry_with(*expectations, nix_timeout=90.5)
+    assert registry.get("/v2/hello/manifests/latest")[0].code == 200
+    realise = expectations[1].calls[0]
+    assert "--timeout 91 --max-silent-time 91" in " ".join(realise)
+
+
+def test_a_builder_nix_stopped_is_a_timeout_and_not_remembered(
+    registry_with: RegistryFactory, nix: FakeNix
+) -> None:
+    stopped = Expect(
+        ["nix-store", "--realise"],
+        exit_code=101,
+        stderr=[
+            "building '/nix/store/x-slow-1.0.drv'...",
+            "error: building of '/nix/store/x-slow-1.0.drv^*' from .drv file timed out after "
+            "60 seconds of silence",
+        ],
+    )
+    registry = registry_with(nix.evaluation(), stopped, nix.path_info())
+    response, body = registry.get("/v2/hello/manifests/latest")
+    assert response.code == 404
+    message = json.loads(body)["errors"][0]["message"]
+    assert message.startswith("a builder of linux/amd64:hello ran longer than NIX_TIMEOUT (60 s)")
+    assert "timed out after 60 seconds of silence" in message
+    registry.get("/v2/hello/manifests/latest")
+    assert len(stopped.calls) == 2
+
+
+def test_a_whole_image_is_bounded_by_the_build_timeout(
+    registry_with: RegistryFactory, nix: FakeNix
+) -> None:
+    never: Deferred[None] = Deferred()
+    expectations = building(nix, gate=never)
+    registry = registry_with(*expectations, build_timeout=120.0)
+    pending = registry.treq.get("http://registry/v2/hello/manifests/latest")
+    answered: list[object] = []
+    pending.addBoth(lambda result: answered.append(result) or result)
+    registry.treq.flush()
+    registry.daemon_clock.advance(119)
+    registry.treq.flush()
+    assert not answered
+    registry.daemon_clock.advance(1)
+    response = registry.settle(pending)
+    assert response.code == 404
+    message = json.loads(registry.settle(response.content()))["errors"][0]["message"]
+    assert "took longer than the build timeout (NIXERYD_BUILD_TIMEOUT, 120 s)" in message
+    assert expectations[0].cancelled == 1, "the running Nix was not stopped"
 
 
 def test_a_failed_image_is_answered_again_without_running_nix(
@@ -153,6 +206,29 @@ def test_a_failed_image_is_answered_again_without_running_nix(
     registry.daemon_clock.advance(61)  # a path source may have been fixed since
     registry.get("/v2/nope/manifests/latest")
     assert len(failing.calls) == 2
+
+
+def test_the_index_page_lists_a_failure_once_and_links_its_log(
+    registry_with: RegistryFactory, nix: FakeNix
+) -> None:
+    failing = nix.evaluation(exit_code=1, stderr=["some trace", "error: nixeryd-test: no"])
+    registry = registry_with(failing)
+    registry.get("/v2/nope/manifests/latest")
+    registry.request("HEAD", "http://registry/v2/nope/manifests/latest")
+    _, page = registry.get("/")
+    assert page.count(b"nixeryd-test: no") == 1, "a remembered failure is no new error"
+    assert b'<a href="/errors/1/log">full log</a>' in page
+    response, log = registry.get("/errors/1/log")
+    assert response.code == 200
+    assert header(response, "Content-Type") == "text/plain; charset=utf-8"
+    assert log.splitlines() == [
+        b"linux/amd64:nope:latest",
+        b"",
+        b"evaluation: some trace",
+        b"evaluation: error: nixeryd-test: no",
+    ]
+    gone, _ = registry.get("/errors/2/log")
+    assert gone.code == 404
 
 
 def test_failures_are_not_remembered_when_the_ttl_is_zero(

@@ -76,3 +76,18 @@ def test_an_overlay_adds_packages(
     assert attr_paths(evaluate(modern_nix, nixpkgs, "sitehello", overlays=[str(overlay)])) == [
         "siteHello"
     ]
+
+
+def test_allow_broken_and_the_insecure_options_let_them_evaluate(
+    modern_nix: NixInstallation, nixpkgs: Path
+) -> None:
+    assert evaluate(modern_nix, nixpkgs, "hdfview").returncode != 0  # marked broken
+    assert attr_paths(evaluate(modern_nix, nixpkgs, "hdfview", {"allowBroken": True})) == [
+        "hdfview"
+    ]
+    assert evaluate(modern_nix, nixpkgs, "openexr_2").returncode != 0  # marked insecure
+    for config in (
+        {"allowInsecure": True},
+        {"permittedInsecurePackages": ["openexr-2.5.10", "ilmbase-2.5.10"]},  # and its dependency
+    ):
+        assert attr_paths(evaluate(modern_nix, nixpkgs, "openexr_2", config)) == ["openexr_2"]

@@ -13,6 +13,14 @@
 #     --argstr nixpkgsConfig '{"allowUnfree":true}' \
 #     --argstr overlays '["/etc/nixeryd/overlay.nix"]'
 #
+# nixeryd's long-running evaluators (a `nix repl` per package set and system) call it
+# without `packages`: the result is then { resolve = { packages, optionalPackages ? "[]" }:
+# REPORT; }, with the package set bound once, so that each image evaluated through
+# `resolve` reuses what earlier ones evaluated:
+#
+#   nixeryd = import nix/nixeryd.nix { srcType = "path"; srcArgs = "{\"path\":\"/abs/dir\"}"; }
+#   builtins.toJSON (nixeryd.resolve { packages = "[\"hello\"]"; })
+#
 # Arguments:
 #   srcType           "path" | "git" | "tarball"
 #   srcArgs           JSON object, by srcType:
@@ -26,7 +34,7 @@
 #                                "refs/heads/R" from a remote, so the caller passes a tag T as
 #                                "refs/tags/T".
 #                       tarball: {"url": U, "sha256"?: H}  -> builtins.fetchTarball
-#   packages          JSON list of requested names (strings)
+#   packages          JSON list of requested names (strings); absent: return `resolve`
 #   optionalPackages  JSON list of names added when the package set has them (default [])
 #   system            the target system, e.g. "aarch64-linux" (default builtins.currentSystem)
 #
@@ -59,7 +67,7 @@
 # names that are missing are dropped silently. Two names resolving to the same
 # attribute path are listed once (the first one).
 #
-# Output (with --eval --strict --json), attribute names sorted by Nix:
+# Output (REPORT; with --eval --strict --json), attribute names sorted by Nix:
 #   {"missing": [requested names not found, in request order],
 #    "packages": [{"attrPath": "tools.greeter", "drvPath": "/nix/store/…drv",
 #                  "name": "tools.greeter", "outputPath": "/nix/store/…"}, ...]}
@@ -78,7 +86,7 @@
 # `{"missing":`: check the exit status before parsing stdout.
 { srcType
 , srcArgs
-, packages
+, packages ? null
 , optionalPackages ? "[]"
 , system ? builtins.currentSystem
 , nixpkgsConfig ? "null"
@@ -198,29 +206,36 @@ let
       drv = found.value;
     } else null;
 
-  requested = map (name: { inherit name; found = resolve name; }) (fromJSON packages);
-  missing = map (r: r.name) (filter (r: r.found == null) requested);
+  # The report for one image: which requested names are missing, or the derivations.
+  report = packages: optionalPackages:
+    let
+      requested = map (name: { inherit name; found = resolve name; }) (fromJSON packages);
+      missing = map (r: r.name) (filter (r: r.found == null) requested);
 
-  optional = filter (r: r != null) (map resolve (fromJSON optionalPackages));
+      optional = filter (r: r != null) (map resolve (fromJSON optionalPackages));
 
-  dedup = list: (foldl'
-    (acc: p:
-      if elem p.attrPath acc.seen then acc
-      else { seen = acc.seen ++ [ p.attrPath ]; out = acc.out ++ [ p ]; })
-    { seen = [ ]; out = [ ]; }
-    list).out;
+      dedup = list: (foldl'
+        (acc: p:
+          if elem p.attrPath acc.seen then acc
+          else { seen = acc.seen ++ [ p.attrPath ]; out = acc.out ++ [ p ]; })
+        { seen = [ ]; out = [ ]; }
+        list).out;
 
-  selected = dedup (map (r: r.found) requested ++ optional);
+      selected = dedup (map (r: r.found) requested ++ optional);
+    in
+    {
+      inherit missing;
+      packages =
+        if missing != [ ] then [ ]
+        else map
+          (p: {
+            inherit (p) name attrPath;
+            drvPath = p.drv.drvPath;
+            outputPath = p.drv.outPath;
+          })
+          selected;
+    };
 in
-{
-  inherit missing;
-  packages =
-    if missing != [ ] then [ ]
-    else map
-      (p: {
-        inherit (p) name attrPath;
-        drvPath = p.drv.drvPath;
-        outputPath = p.drv.outPath;
-      })
-      selected;
-}
+if packages == null then {
+  resolve = { packages, optionalPackages ? "[]" }: report packages optionalPackages;
+} else report packages optionalPackages

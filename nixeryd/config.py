@@ -46,6 +46,14 @@ class Config:
     #: Seconds a whole image may take: evaluation, builds, closure query and layers.
     build_timeout: float = 3600.0
     failure_ttl: float = 60.0
+    #: Long-running evaluators (one per package set and system); 0: a nix-instantiate per image.
+    evaluators: int = 4
+    #: Resident MiB past which an evaluator is restarted after its answer.
+    evaluator_memory: int = 2048
+    #: Seconds an evaluator waits for a request before it stops.
+    evaluator_idle: float = 600.0
+    #: Seconds an evaluator of an unpinned source (a local path) is reused; 0: never.
+    evaluator_unpinned_ttl: float = 60.0
     popularity_url: str | None = None
     layering_strategy: str = "stable"
     layer_budget: int = DEFAULT_LAYER_BUDGET
@@ -137,6 +145,13 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise ValueError("must be greater than 0")
+    return value
+
+
 def _boolean(text: str) -> bool:
     value = text.strip().lower()
     if value in ("1", "true", "yes", "on"):
@@ -211,6 +226,32 @@ OPTIONS: tuple[Option, ...] = (
         "seconds a failed image of a moving source (a path, a branch) is answered again "
         "without running Nix; a pinned source's failure is kept for good (0: never)",
         ("NIXERYD_FAILURE_TTL",),
+        _non_negative_float,
+    ),
+    Option(
+        "evaluators",
+        "long-running Nix evaluators kept, one per package set pin and system, so that an "
+        "image does not import the package set again (0: a nix-instantiate per image)",
+        ("NIXERYD_EVALUATORS",),
+        _non_negative_int,
+    ),
+    Option(
+        "evaluator_memory",
+        "resident MiB past which an evaluator is restarted once it has answered",
+        ("NIXERYD_EVALUATOR_MEMORY",),
+        _positive_int,
+    ),
+    Option(
+        "evaluator_idle",
+        "seconds an evaluator waits for another image before it stops",
+        ("NIXERYD_EVALUATOR_IDLE",),
+        _positive_float,
+    ),
+    Option(
+        "evaluator_unpinned_ttl",
+        "seconds an evaluator of a source without a pin (a local path, whose files may "
+        "change) is reused before a new one reads the files again (0: never reused)",
+        ("NIXERYD_EVALUATOR_UNPINNED_TTL",),
         _non_negative_float,
     ),
     Option(

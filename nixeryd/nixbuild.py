@@ -2,8 +2,10 @@
 
 Three invocations per uncached image, each through the process seam:
 
-1. ``nix-instantiate --eval`` of ``nix/nixeryd.nix`` resolves the requested
-   names in the package set and reports the missing ones, or the derivations;
+1. ``nix/nixeryd.nix`` resolves the requested names in the package set and
+   reports the missing ones, or the derivations: in the long-running evaluator
+   that holds the package set (:mod:`nixeryd.evaluator`), or, with evaluators
+   off, in a ``nix-instantiate --eval`` of its own;
 2. ``nix-store --realise`` builds (or substitutes) those derivations, each
    builder limited by ``NIX_TIMEOUT`` (Nix's ``--timeout`` and
    ``--max-silent-time``, as Nixery passes it);
@@ -27,7 +29,7 @@ import re
 import shutil
 import tempfile
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
@@ -38,6 +40,7 @@ from twisted.logger import Logger
 
 from nixeryd.closure import ClosureGraph
 from nixeryd.errors import BuildFailed, BuildTimedOut, ManifestUnknown
+from nixeryd.evaluator import EvaluatorPool
 from nixeryd.imagename import ImageTarget
 from nixeryd.process import ProcessResult, ProcessRunner, ProcessTimedOut
 from nixeryd.sources import SourceRef
@@ -269,13 +272,20 @@ class Nix:
         gc_roots: Path | None = None,
         nixpkgs_config: Mapping[str, Any] | None = None,
         overlays: Sequence[str] = (),
+        evaluators: EvaluatorPool | None = None,
+        unpinned_reuse: float = 0.0,
     ) -> None:
         """``builder_timeout`` (``NIX_TIMEOUT``) is how long one Nix builder may run and
         may be silent; ``step_timeout`` bounds each Nix invocation as a whole (the
         builder bounds a whole image with ``NIXERYD_BUILD_TIMEOUT`` as well, by
         cancelling). ``nixpkgs_config`` and ``overlays`` are passed to a package set
         that takes them (see ``nix/nixeryd.nix``); None and () leave nixpkgs' own in
-        force."""
+        force.
+
+        With ``evaluators`` (running :func:`repl_argv`), images are evaluated in
+        long-running evaluators, one per package set and system; a source without a
+        pin (files that may change) reuses one for at most ``unpinned_reuse``
+        seconds, and with 0 gets a ``nix-instantiate`` per image."""
         self._processes = processes
         self._nixpkgs_config = None if nixpkgs_config is None else dict(nixpkgs_config)
         self._overlays = tuple(overlays)
@@ -287,6 +297,8 @@ class Nix:
         self._gc_roots = gc_roots
         self._expression = expression or Path(str(files("nixeryd") / "nixexprs" / "nixeryd.nix"))
         self._evaluation_identity = _evaluation_identity(self._nixpkgs_config, self._overlays)
+        self._unpinned_reuse = unpinned_reuse
+        self._evaluators = evaluators
 
     @property
     def evaluation_identity(self) -> str:
@@ -315,13 +327,29 @@ class Nix:
             self._new_build_log(image)
         return self._build_logs[image]
 
-    @inlineCallbacks
     def _run(self, argv: Sequence[str], image: str, step: str) -> Any:
+        return self._step(
+            lambda output: self._processes.run(
+                argv, timeout=self._step_timeout, on_stderr_line=output, env=self._env
+            ),
+            argv[0],
+            image,
+            step,
+        )
+
+    @inlineCallbacks
+    def _step(
+        self,
+        start: Callable[[Callable[[str], None]], Any],
+        program: str,
+        image: str,
+        step: str,
+    ) -> Any:
+        """Run one step, ``start(on_line)`` firing with its :class:`ProcessResult`;
+        fire with its stdout, or fail with the registry error its output calls for."""
         output = _StepOutput(self.log, image, step, self._log_for(image))
         try:
-            result: ProcessResult = yield self._processes.run(
-                argv, timeout=self._step_timeout, on_stderr_line=output, env=self._env
-            )
+            result: ProcessResult = yield start(output)
         except ProcessTimedOut as timed_out:
             self.log.error(
                 "{image} {step}: killed after {timeout:g} s",
@@ -336,7 +364,7 @@ class Nix:
                 detail={"step": step, "log": list(timed_out.stderr_tail[-ERROR_EXCERPT_LINES:])},
             ) from timed_out
         except OSError as error:
-            raise BuildFailed(f"{step} of {image}: cannot run {argv[0]}: {error}") from error
+            raise BuildFailed(f"{step} of {image}: cannot run {program}: {error}") from error
         if result.exit_code != 0:
             excerpt = nix_error_excerpt(result.stderr_tail)
             self.log.error(
@@ -360,37 +388,81 @@ class Nix:
         )
         return result.stdout
 
-    @inlineCallbacks
     def resolve(self, source: SourceRef, image: ImageTarget) -> Any:
         """Evaluate the image's packages; fail with :class:`PackagesNotFound` naming
         every missing one. Fires with a list of :class:`ResolvedPackage`."""
-        argv = [
+        return self._resolve(source, image, in_new_evaluator=False)
+
+    @inlineCallbacks
+    def _resolve(self, source: SourceRef, image: ImageTarget, in_new_evaluator: bool) -> Any:
+        self._new_build_log(image.canonical)
+        packages_json = json.dumps(list(image.packages))
+        optional_json = json.dumps(list(image.optional_packages))
+        evaluator_key = (source.src_type, _source_json(source), image.system)
+        evaluator = self._evaluator(source, image.system, evaluator_key)
+        if evaluator is None:
+            stdout = yield self._run(
+                [*self._instantiate_argv(source, image.system), "--argstr", "packages",
+                 packages_json, "--argstr", "optionalPackages", optional_json],
+                image.canonical,
+                "evaluation",
+            )  # fmt: skip
+            return _packages(stdout, image)
+        expression = (
+            f"builtins.toJSON (nixeryd.resolve {{ packages = {nix_string(packages_json)}; "
+            f"optionalPackages = {nix_string(optional_json)}; }})"
+        )
+        stdout = yield self._step(
+            lambda output: evaluator.evaluate(expression, output),
+            "nix repl",
+            image.canonical,
+            "evaluation",
+        )
+        packages = _packages(stdout, image)
+        stale = [package.drv_path for package in packages if not Path(package.drv_path).exists()]
+        if stale and self._evaluators is not None and not in_new_evaluator:
+            # The store lost derivations the evaluator wrote earlier (garbage
+            # collection): only a fresh evaluation writes them again.
+            self.log.info(
+                "{image}: {count} derivations evaluated earlier are gone from the store; "
+                "evaluating again in a new evaluator",
+                image=image.canonical,
+                count=len(stale),
+            )
+            self._evaluators.discard(evaluator_key)
+            result = yield self._resolve(source, image, in_new_evaluator=True)
+            return result
+        return packages
+
+    def _evaluator(self, source: SourceRef, system: str, key: tuple[str, ...]) -> Any:
+        """The evaluator for the package set and system, or None for a nix-instantiate."""
+        if self._evaluators is None or (source.pin is None and self._unpinned_reuse <= 0):
+            return None
+        arguments = {
+            "srcType": source.src_type,
+            "srcArgs": _source_json(source),
+            "system": system,
+            "nixpkgsConfig": json.dumps(self._nixpkgs_config, sort_keys=True),
+            "overlays": json.dumps(list(self._overlays)),
+        }
+        bound = " ".join(f"{name} = {nix_string(value)};" for name, value in arguments.items())
+        return self._evaluators.evaluator(
+            key,
+            setup=f"nixeryd = import {nix_string(str(self._expression))} {{ {bound} }}",
+            name=f"{source.src_type} {source.pin or _source_json(source)} {system}",
+            max_age=None if source.pin is not None else self._unpinned_reuse,
+        )
+
+    def _instantiate_argv(self, source: SourceRef, system: str) -> list[str]:
+        return [
             self._command("nix-instantiate"), "--eval", "--strict", "--json", "--read-write-mode",
             str(self._expression),
             "--argstr", "srcType", source.src_type,
-            "--argstr", "srcArgs", json.dumps(dict(source.src_args), sort_keys=True),
-            "--argstr", "packages", json.dumps(list(image.packages)),
-            "--argstr", "optionalPackages", json.dumps(list(image.optional_packages)),
-            "--argstr", "system", image.system,
+            "--argstr", "srcArgs", _source_json(source),
+            "--argstr", "system", system,
             "--argstr", "nixpkgsConfig", json.dumps(self._nixpkgs_config, sort_keys=True),
             "--argstr", "overlays", json.dumps(list(self._overlays)),
         ]  # fmt: skip
-        self._new_build_log(image.canonical)
-        stdout = yield self._run(argv, image.canonical, "evaluation")
-        try:
-            report = json.loads(stdout)
-            missing = list(report["missing"])
-            packages = [
-                ResolvedPackage(p["name"], p["attrPath"], p["drvPath"], p["outputPath"])
-                for p in report["packages"]
-            ]
-        except (ValueError, KeyError, TypeError) as error:
-            raise BuildFailed(
-                f"evaluation of {image.canonical} printed an unexpected result: {error}"
-            ) from error
-        if missing:
-            raise PackagesNotFound(missing)
-        return packages
 
     @inlineCallbacks
     def realise(self, packages: Sequence[ResolvedPackage], image: ImageTarget) -> Any:
@@ -453,6 +525,39 @@ def _evaluation_identity(nixpkgs_config: Mapping[str, Any] | None, overlays: Seq
             with contextlib.suppress(OSError):
                 files_content.update(Path(path).read_bytes())
     return json.dumps([nixpkgs_config, list(overlays), files_content.hexdigest()], sort_keys=True)
+
+
+def _source_json(source: SourceRef) -> str:
+    return json.dumps(dict(source.src_args), sort_keys=True)
+
+
+def _packages(stdout: bytes, image: ImageTarget) -> list[ResolvedPackage]:
+    """The packages of ``nix/nixeryd.nix``'s report; :class:`PackagesNotFound` for missing ones."""
+    try:
+        report = json.loads(stdout)
+        missing = list(report["missing"])
+        packages = [
+            ResolvedPackage(p["name"], p["attrPath"], p["drvPath"], p["outputPath"])
+            for p in report["packages"]
+        ]
+    except (ValueError, KeyError, TypeError) as error:
+        raise BuildFailed(
+            f"evaluation of {image.canonical} printed an unexpected result: {error}"
+        ) from error
+    if missing:
+        raise PackagesNotFound(missing)
+    return packages
+
+
+def nix_string(text: str) -> str:
+    """``text`` as a Nix string literal."""
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("${", "\\${")
+    return '"' + escaped.replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t") + '"'
+
+
+def repl_argv(bin_dir: str | None) -> list[str]:
+    """The ``nix repl`` an :class:`~nixeryd.evaluator.EvaluatorPool` runs for :class:`Nix`."""
+    return [nix_command(bin_dir, "nix"), "--extra-experimental-features", "nix-command", "repl"]
 
 
 def nix_command(bin_dir: str | None, name: str) -> str:

@@ -6,14 +6,20 @@ reactor (never blocking it), hands each stderr line to a callback the moment
 it is complete, collects stdout, and on timeout kills the command's whole
 process group, so builders Nix started die with it; cancelling the Deferred
 kills it the same way, so a caller's own deadline (a whole image's build)
-stops the command it is waiting for. Tests substitute an expectation fake
-with the same :class:`ProcessRunner` interface.
+stops the command it is waiting for.
+
+:meth:`ReactorProcessRunner.start` runs a long-lived interactive command the
+same way (its own process group, stderr streamed by line), for a caller that
+writes requests to its stdin and reads the answers from stderr: the Nix
+evaluator of :mod:`nixeryd.evaluator`. Tests substitute expectation fakes with
+the same :class:`ProcessRunner` interface.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import sys
 from collections import deque
@@ -25,6 +31,9 @@ from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
+
+# ANSI control sequences (cursor moves, erasing, colours).
+_TERMINAL_CONTROL = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 #: Lines of stderr kept for error messages; the log has them all.
 STDERR_TAIL_LINES = 200
@@ -68,6 +77,40 @@ class ProcessRunner(Protocol):
         Cancelling the Deferred kills the command and its process group."""
         ...
 
+    def start(
+        self,
+        argv: Sequence[str],
+        *,
+        on_stderr_line: Callable[[str], None],
+        env: Mapping[str, str] | None = None,
+    ) -> InteractiveProcess:
+        """Start ``argv`` with its stdin open for :meth:`InteractiveProcess.write`;
+        ``on_stderr_line`` sees each stderr line as it arrives, stdout is discarded.
+        Raises OSError when it cannot be started."""
+        ...
+
+
+class InteractiveProcess(Protocol):
+    """A running command that reads requests from stdin; see :meth:`ProcessRunner.start`."""
+
+    @property
+    def pid(self) -> int | None:
+        """The command's process id while it runs (its resident memory is read by pid)."""
+        ...
+
+    def write(self, data: bytes) -> None:
+        """Send ``data`` to the command's stdin."""
+        ...
+
+    def kill(self) -> None:
+        """Kill the command's whole process group; ``ended`` fires once it is gone."""
+        ...
+
+    @property
+    def ended(self) -> Deferred[int]:
+        """Fires with the exit status (128 + signal for a killed command) when it ends."""
+        ...
+
 
 class _StreamingProtocol(ProcessProtocol):
     def __init__(
@@ -94,7 +137,7 @@ class _StreamingProtocol(ProcessProtocol):
                 self._emit(line)
 
     def _emit(self, line: bytes) -> None:
-        text = line.decode("utf-8", "replace").rstrip("\r")
+        text = _decoded(line)
         self._tail.append(text)
         self.on_stderr_line(text)
 
@@ -103,11 +146,7 @@ class _StreamingProtocol(ProcessProtocol):
         self.kill_group()
 
     def kill_group(self) -> None:
-        pid = self.transport.pid if self.transport is not None else None
-        if pid is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pid, signal.SIGKILL)
+        _kill_group(self.transport)
 
     def processEnded(self, reason: Failure) -> None:
         if self._partial:
@@ -116,17 +155,77 @@ class _StreamingProtocol(ProcessProtocol):
         if self.timed_out:
             self.done.errback(ProcessTimedOut(self.argv, self.timeout, tuple(self._tail)))
             return
-        if reason.check(ProcessDone):
-            exit_code = 0
-        elif reason.check(ProcessTerminated):
-            value: Any = reason.value
-            exit_code = value.exitCode if value.exitCode is not None else 128 + (value.signal or 0)
-        else:
+        exit_code = _exit_status(reason)
+        if exit_code is None:
             self.done.errback(reason)
             return
         self.done.callback(
             ProcessResult(self.argv, exit_code, b"".join(self._stdout), tuple(self._tail))
         )
+
+
+class _InteractiveProtocol(ProcessProtocol):
+    """An :class:`InteractiveProcess`: stdin kept open, stderr by line, stdout dropped."""
+
+    def __init__(self, on_stderr_line: Callable[[str], None]) -> None:
+        self.on_stderr_line = on_stderr_line
+        self._ended: Deferred[int] = Deferred()
+        self._partial = b""
+
+    @property
+    def pid(self) -> int | None:
+        return self.transport.pid if self.transport is not None else None
+
+    @property
+    def ended(self) -> Deferred[int]:
+        return self._ended
+
+    def write(self, data: bytes) -> None:
+        transport: Any = self.transport
+        if transport is not None:
+            transport.write(data)
+
+    def kill(self) -> None:
+        _kill_group(self.transport)
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        if childFD == 2:
+            *lines, self._partial = (self._partial + data).split(b"\n")
+            for line in lines:
+                self.on_stderr_line(_decoded(line))
+
+    def processEnded(self, reason: Failure) -> None:
+        if self._partial:
+            self.on_stderr_line(_decoded(self._partial))
+            self._partial = b""
+        exit_code = _exit_status(reason)
+        self._ended.callback(1 if exit_code is None else exit_code)
+
+
+def _decoded(line: bytes) -> str:
+    """A line as a terminal would show it: Nix clears its progress line with
+    ``\\r\\e[K`` before what it prints next, even when stderr is a pipe."""
+    text = line.decode("utf-8", "replace").rstrip("\r").rsplit("\r", 1)[-1]
+    return _TERMINAL_CONTROL.sub("", text)
+
+
+def _kill_group(transport: Any) -> None:
+    pid = transport.pid if transport is not None else None
+    if pid is None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+def _exit_status(reason: Failure) -> int | None:
+    """The exit status an ended process reports (128 + signal when killed), or None
+    when the reactor reports something else."""
+    if reason.check(ProcessDone):
+        return 0
+    if reason.check(ProcessTerminated):
+        value: Any = reason.value
+        return value.exitCode if value.exitCode is not None else 128 + (value.signal or 0)
+    return None
 
 
 class ReactorProcessRunner:
@@ -161,3 +260,20 @@ class ReactorProcessRunner:
             return result
 
         return protocol.done.addBoth(cancel_timer)
+
+    def start(
+        self,
+        argv: Sequence[str],
+        *,
+        on_stderr_line: Callable[[str], None],
+        env: Mapping[str, str] | None = None,
+    ) -> InteractiveProcess:
+        protocol = _InteractiveProtocol(on_stderr_line)
+        self._reactor.spawnProcess(
+            protocol,
+            sys.executable,
+            [sys.executable, "-S", "-c", _SESSION_LEADER, *argv],
+            env=dict(os.environ if env is None else env),
+            childFDs={0: "w", 1: "r", 2: "r"},
+        )
+        return protocol

@@ -26,7 +26,8 @@ from twisted.web.client import Agent
 
 from nixeryd.builder import ImageBuilder
 from nixeryd.config import Config
-from nixeryd.nixbuild import Nix
+from nixeryd.evaluator import EvaluatorLimits, EvaluatorPool
+from nixeryd.nixbuild import Nix, repl_argv
 from nixeryd.plugins import Plugins, make_plugin_manager
 from nixeryd.popularity import PopularityLoader, PopularitySource
 from nixeryd.process import ProcessRunner, ReactorProcessRunner
@@ -78,16 +79,33 @@ def make_registry(
     storage = plugins.storage_backend(config.storage_backend).create(runtime)
     source = plugins.package_source(config.package_source).create(runtime)
     layering = plugins.layering_strategy(config.layering_strategy).create(runtime)
-    builder = ImageBuilder(
-        nix=Nix(
+    evaluators = None
+    if config.evaluators > 0:
+        evaluators = EvaluatorPool(
             processes,
-            builder_timeout=config.nix_timeout,
-            step_timeout=config.build_timeout,
-            bin_dir=config.nix_bin_dir,
-            gc_roots=Path(tempfile.gettempdir()) / "nixeryd-gcroots",
-            nixpkgs_config=config.nixpkgs_config,
-            overlays=config.nixpkgs_overlays,
-        ),
+            reactor,
+            argv=repl_argv(config.nix_bin_dir),
+            limits=EvaluatorLimits(
+                capacity=config.evaluators,
+                memory=config.evaluator_memory * 1024 * 1024,
+                idle=config.evaluator_idle,
+                request_timeout=config.build_timeout,
+            ),
+        )
+        reactor.addSystemEventTrigger("before", "shutdown", evaluators.stop)
+    nix = Nix(
+        processes,
+        builder_timeout=config.nix_timeout,
+        step_timeout=config.build_timeout,
+        bin_dir=config.nix_bin_dir,
+        gc_roots=Path(tempfile.gettempdir()) / "nixeryd-gcroots",
+        nixpkgs_config=config.nixpkgs_config,
+        overlays=config.nixpkgs_overlays,
+        evaluators=evaluators,
+        unpinned_reuse=config.evaluator_unpinned_ttl,
+    )
+    builder = ImageBuilder(
+        nix=nix,
         source=source,
         storage=storage,
         layering=layering,

@@ -66,6 +66,8 @@ class Harness(MemoryHTTP):
     ) -> None:
         self.processes = ExpectingProcessRunner(*expect)
         self.daemon_clock = Clock()
+        # A nix-instantiate per image: the evaluators have tests of their own.
+        options.setdefault("evaluators", 0)
         config = Config(
             pkgs_path=str(tmp_path),
             storage_path=str(tmp_path / "storage"),

@@ -201,6 +201,33 @@ def test_a_failed_image_asked_again_runs_nix_once(fresh_daemon: Daemon) -> None:
     assert fresh_daemon.log().count("linux/amd64:brokenbuild build failed") == 1
 
 
+def test_images_of_one_package_set_share_one_evaluator(fresh_daemon: Daemon) -> None:
+    """The package set is loaded once: later images, failing ones among them, are
+    evaluated by the same ``nix repl``, which stays usable after an error."""
+    for name, expected in (
+        ("hello", 200),
+        ("evalerror", 404),
+        ("nosuchpackage", 404),
+        ("shell/tools.greeter", 200),
+    ):
+        status, _, body = fetch(fresh_daemon, f"/v2/{name}/manifests/latest")
+        assert status == expected, (name, body)
+        if name == "evalerror":
+            assert "this package fails to evaluate" in error_of(body)["message"]
+    assert fresh_daemon.log().count("evaluator started") == 1
+
+
+def test_without_evaluators_each_image_runs_nix_instantiate(tmp_path: Path) -> None:
+    daemon = Daemon(tmp_path / "one-shot", NIXERYD_EVALUATORS="0")
+    try:
+        for name in ("hello", "tools.greeter"):
+            status, _, body = fetch(daemon, f"/v2/{name}/manifests/latest")
+            assert status == 200, (name, body)
+        assert "evaluator started" not in daemon.log()
+    finally:
+        daemon.stop()
+
+
 def test_ten_concurrent_requests_run_one_nix_build(fresh_daemon: Daemon) -> None:
     image = "shell/tools.greeter/hello"
     results: list[tuple[int, str]] = []

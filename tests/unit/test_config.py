@@ -57,6 +57,26 @@ def test_build_limits_and_log_level() -> None:
         load_config({}, {"NIXERYD_LOG_LEVEL": "verbose"})
 
 
+def test_evaluator_bounds() -> None:
+    config = load_config({}, {})
+    assert (config.evaluators, config.evaluator_memory) == (4, 2048)
+    assert (config.evaluator_idle, config.evaluator_unpinned_ttl) == (600.0, 60.0)
+    config = load_config(
+        {"evaluator_idle": "30"},
+        {
+            "NIXERYD_EVALUATORS": "0",
+            "NIXERYD_EVALUATOR_MEMORY": "512",
+            "NIXERYD_EVALUATOR_UNPINNED_TTL": "0",
+        },
+    )
+    assert (config.evaluators, config.evaluator_memory) == (0, 512)
+    assert (config.evaluator_idle, config.evaluator_unpinned_ttl) == (30.0, 0.0)
+    with pytest.raises(ConfigError, match=r"NIXERYD_EVALUATOR_MEMORY.*greater than 0"):
+        load_config({}, {"NIXERYD_EVALUATOR_MEMORY": "0"})
+    with pytest.raises(ConfigError, match=r"NIXERYD_EVALUATORS.*0 or more"):
+        load_config({}, {"NIXERYD_EVALUATORS": "-1"})
+
+
 def test_errors_name_the_key_and_its_source(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"\$NIX_TIMEOUT \(nix_timeout\) = 'soon'"):
         load_config({}, {"NIX_TIMEOUT": "soon"})

@@ -1,25 +1,36 @@
+import json
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any, cast
 
 import pytest
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
 from twisted.logger import Logger, LogLevel, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
-from nixeryd.errors import BuildFailed
-from nixeryd.imagename import parse_image_name
+from nixeryd.errors import BuildFailed, BuildTimedOut
+from nixeryd.evaluator import EvaluatorLimits, EvaluatorPool
+from nixeryd.imagename import ImageTarget, parse_image_name
 from nixeryd.nixbuild import (
     BUILD_LOG_LINES,
     ERROR_EXCERPT_CHARS,
     BuildLog,
     Nix,
+    PackagesNotFound,
     ResolvedPackage,
     nix_error_excerpt,
+    nix_string,
+    repl_argv,
 )
 from nixeryd.platform import AMD64
-from tests.fakes import Expect, ExpectingProcessRunner
+from nixeryd.sources import SourceRef
+from tests.fakes import Expect, ExpectingProcessRunner, ReplReply, ReplScript
 
 DATA = Path(__file__).parent / "data"
 failureResultOf = SynchronousTestCase().failureResultOf
+successResultOf = SynchronousTestCase().successResultOf
 
 
 def test_evaluation_errors_start_at_the_error_line() -> None:
@@ -157,3 +168,133 @@ def test_a_build_log_keeps_a_bounded_number_of_lines() -> None:
         build_log.add("build", f"line {number}")
     assert len(build_log.lines) == BUILD_LOG_LINES
     assert build_log.text().endswith("(5 more lines not kept)\n")
+
+
+def nix_with_evaluators(
+    tmp_path: Path, script: ReplScript, *expect: Expect, unpinned_reuse: float = 0.0
+) -> tuple[Nix, Clock]:
+    """A Nix whose evaluators answer from ``script``."""
+    clock = Clock()
+    processes = ExpectingProcessRunner(*expect, repl=script)
+    limits = EvaluatorLimits(capacity=2, memory=2**40, idle=600.0, request_timeout=30.0)
+    pool = EvaluatorPool(processes, clock, argv=repl_argv(None), limits=limits)
+    nix = Nix(
+        processes,
+        builder_timeout=60,
+        step_timeout=30,
+        expression=tmp_path / "nixeryd.nix",
+        evaluators=pool,
+        unpinned_reuse=unpinned_reuse,
+    )
+    return nix, clock
+
+
+def report(tmp_path: Path, *names: str) -> str:
+    """What nix/nixeryd.nix answers for ``names``, with .drv files that exist."""
+    packages = []
+    for name in names:
+        drv = tmp_path / f"{name}.drv"
+        drv.write_text("Derive()")
+        packages.append(
+            {
+                "name": name,
+                "attrPath": name,
+                "drvPath": str(drv),
+                "outputPath": f"/nix/store/{name}",
+            }
+        )
+    return json.dumps({"missing": [], "packages": packages})
+
+
+PINNED = SourceRef("git", {"url": "https://example.org/pkgs.git", "rev": "a" * 40}, pin="a" * 40)
+
+
+def image(name: str) -> ImageTarget:
+    return parse_image_name(name).targets([AMD64])[0]
+
+
+def test_images_of_one_pinned_source_share_one_evaluator(tmp_path: Path) -> None:
+    script = ReplScript(
+        ReplReply(answer=report(tmp_path, "hello")), ReplReply(answer=report(tmp_path, "git"))
+    )
+    nix, _ = nix_with_evaluators(tmp_path, script)
+    hello: list[ResolvedPackage] = successResultOf(nix.resolve(PINNED, image("hello")))
+    git: list[ResolvedPackage] = successResultOf(nix.resolve(PINNED, image("git")))
+    assert [p.attr_path for p in hello] == ["hello"]
+    assert [p.attr_path for p in git] == ["git"]
+    [repl] = script.processes
+    assert repl.argv[-1] == "repl"
+    [setup] = repl.setup
+    assert setup.startswith(f'nixeryd = import "{tmp_path}/nixeryd.nix" {{ srcType = "git"; ')
+    assert 'system = "x86_64-linux";' in setup and r"\"rev\": \"aaaa" in setup
+    assert repl.expressions[1] == (
+        'builtins.toJSON (nixeryd.resolve { packages = "[\\"git\\"]"; '
+        'optionalPackages = "[\\"cacert\\", \\"iana-etc\\"]"; })'
+    )
+
+
+def test_evaluator_answers_fail_as_nix_instantiate_would(tmp_path: Path) -> None:
+    error = ["error:", "       … while evaluating 'hello'", "", "       error: Package is unfree"]
+    script = ReplScript(
+        ReplReply(answer=json.dumps({"missing": ["nosuch"], "packages": []})),
+        ReplReply(stderr=error),
+        ReplReply(answer=report(tmp_path, "hello")),
+    )
+    nix, _ = nix_with_evaluators(tmp_path, script)
+    missing = failureResultOf(nix.resolve(PINNED, image("nosuch")), PackagesNotFound)
+    assert "nosuch" in missing.value.message
+    failed = failureResultOf(nix.resolve(PINNED, image("hello")), BuildFailed)
+    assert failed.value.message.splitlines()[1] == "error: Package is unfree"
+    assert successResultOf(nix.resolve(PINNED, image("hello")))[0].attr_path == "hello"
+    assert len(script.processes) == 1
+    build_log = nix.build_log("linux/amd64:hello")
+    assert build_log is not None
+
+
+def test_an_evaluation_past_the_timeout_is_a_timeout(tmp_path: Path) -> None:
+    script = ReplScript(ReplReply(answer="never", gate=Deferred()))
+    nix, clock = nix_with_evaluators(tmp_path, script)
+    running = nix.resolve(PINNED, image("hello"))
+    clock.advance(30)
+    failureResultOf(running, BuildTimedOut)
+
+
+def test_an_unpinned_source_gets_nix_instantiate_unless_reuse_is_allowed(tmp_path: Path) -> None:
+    moving = SourceRef("path", {"path": str(tmp_path)})
+    evaluation = Expect(["nix-instantiate"], stdout=report(tmp_path, "hello").encode())
+    script = ReplScript(ReplReply(answer=report(tmp_path, "hello")))
+    nix, _ = nix_with_evaluators(tmp_path, script, evaluation)
+    successResultOf(nix.resolve(moving, image("hello")))
+    assert len(evaluation.calls) == 1 and script.processes == []
+    nix, _ = nix_with_evaluators(tmp_path, script, evaluation, unpinned_reuse=60)
+    successResultOf(nix.resolve(moving, image("hello")))
+    assert len(evaluation.calls) == 1 and len(script.processes) == 1
+
+
+def test_derivations_collected_since_they_were_evaluated_are_evaluated_afresh(
+    tmp_path: Path,
+) -> None:
+    first = report(tmp_path, "hello")
+    (tmp_path / "again").mkdir()
+    written_again = report(tmp_path / "again", "hello")
+    script = ReplScript(*(ReplReply(answer=answer) for answer in (first, first, written_again)))
+    nix, _ = nix_with_evaluators(tmp_path, script)
+    successResultOf(nix.resolve(PINNED, image("hello")))
+    (tmp_path / "hello.drv").unlink()  # nix-collect-garbage
+    again: list[ResolvedPackage] = successResultOf(nix.resolve(PINNED, image("hello")))
+    assert Path(again[0].drv_path).exists()
+    assert [process.killed for process in script.processes] == [True, False]
+
+
+@pytest.mark.parametrize("text", ['a"b', "back\\slash", "${not.interpolated}", "new\nline\ttab"])
+def test_strings_reach_nix_as_they_are(text: str) -> None:
+    """A :func:`nix_string` literal evaluates, in real Nix, to the text it was made from."""
+    nix_instantiate = shutil.which("nix-instantiate")
+    if nix_instantiate is None:
+        pytest.skip("nix-instantiate is not installed")
+    result = subprocess.run(
+        [nix_instantiate, "--eval", "--json", "--expr", nix_string(text)],
+        capture_output=True,
+        check=True,
+    )
+    assert json.loads(result.stdout) == text

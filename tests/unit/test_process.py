@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from typing import Any
 
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 
 from nixeryd.process import ProcessResult, ProcessTimedOut, ReactorProcessRunner
@@ -75,3 +77,47 @@ def _alive(pid: int) -> bool:
             return not any(line.startswith("State:\tZ") for line in status)
     except FileNotFoundError:
         return False
+
+
+@pytest_twisted.inlineCallbacks
+def test_an_interactive_command_answers_each_line_it_is_sent() -> Any:
+    """As the evaluator drives ``nix repl``: requests on stdin, answers on stderr."""
+    script = (
+        "import sys\n"
+        "for line in sys.stdin:\n"
+        "    print('answer ' + line.strip(), file=sys.stderr, flush=True)\n"
+        "    print('dropped', flush=True)\n"
+    )
+    lines: list[str] = []
+    answered: Deferred[None] = Deferred()
+
+    def on_line(line: str) -> None:
+        lines.append(line)
+        if len(lines) == 2:
+            answered.callback(None)
+
+    process = ReactorProcessRunner(reactor).start(
+        [sys.executable, "-c", script], on_stderr_line=on_line
+    )
+    assert process.pid is not None
+    process.write(b"one\n")
+    process.write(b"two\n")
+    yield answered
+    assert lines == ["answer one", "answer two"]
+    process.kill()
+    status = yield process.ended
+    assert status == 128 + signal.SIGKILL
+
+
+@pytest_twisted.inlineCallbacks
+def test_lines_are_read_as_a_terminal_shows_them() -> Any:
+    """Nix 2.18 clears its progress line before a trace, even into a pipe."""
+    script = (
+        "import sys\n"
+        "sys.stderr.write('\\r\\x1b[K\\r\\x1b[Ktrace: answer\\n')\n"
+        "sys.stderr.write('\\x1b[31;1merror:\\x1b[0m boom\\r\\n')\n"
+    )
+    result: ProcessResult = yield ReactorProcessRunner(reactor).run(
+        [sys.executable, "-c", script], timeout=10, on_stderr_line=lambda line: None
+    )
+    assert result.stderr_tail == ("trace: answer", "error: boom")

@@ -21,6 +21,11 @@
 #   nixeryd = import nix/nixeryd.nix { srcType = "path"; srcArgs = "{\"path\":\"/abs/dir\"}"; }
 #   builtins.toJSON (nixeryd.resolve { packages = "[\"hello\"]"; })
 #
+# That result also has `attrPath NAME`: the attribute path NAME selects by the rule
+# below ("python3packages.numpy" -> "python3Packages.numpy"), or null, without
+# evaluating the attribute, so that tens of thousands of names are checked in seconds
+# (whether it is a derivation is not checked: `resolve` does that).
+#
 # Arguments:
 #   srcType           "path" | "git" | "tarball"
 #   srcArgs           JSON object, by srcType:
@@ -194,12 +199,12 @@ let
 
   isDerivation = v: isAttrs v && (v.type or null) == "derivation";
 
+  # { value; path; } for the requested `name`, or null; the value is not forced.
+  lookup = name: resolveIn pkgs topTable (filter isString (split "\\." name)) [ ];
+
   # { name; attrPath; drv; } or null when `name` is not a derivation in the set.
   resolve = name:
-    let
-      comps = filter isString (split "\\." name);
-      found = resolveIn pkgs topTable comps [ ];
-    in
+    let found = lookup name; in
     if found != null && isDerivation found.value then {
       inherit name;
       attrPath = concatStringsSep "." found.path;
@@ -238,4 +243,6 @@ let
 in
 if packages == null then {
   resolve = { packages, optionalPackages ? "[]" }: report packages optionalPackages;
+  attrPath = name: let found = lookup name; in
+    if found == null then null else concatStringsSep "." found.path;
 } else report packages optionalPackages

@@ -162,6 +162,25 @@ def test_digit_leading_names() -> None:
     assert attr_paths(evaluate(["9LIVES"])) == [("9LIVES", "_9lives")]
 
 
+def test_attr_path_names_the_selected_attribute_without_evaluating_it() -> None:
+    """``attrPath`` (what the nixpkgs name tests compare) follows the rule, but does not
+    force the value: a package that throws, or a set that is no package, has a path."""
+    names = ["helloworld", "9LIVES", "Tools.Greeter", "evalerror", "notAPackage", "nosuch"]
+    expression = (
+        f'let nixeryd = import {EXPR} {{ srcType = "path"; '
+        f'srcArgs = builtins.toJSON {{ path = "{TEST_PKGS}"; }}; }}; '
+        f"in map nixeryd.attrPath (builtins.fromJSON ''{json.dumps(names)}'')"
+    )
+    proc = subprocess.run(
+        ["nix-instantiate", "--eval", "--strict", "--json", "-E", expression],
+        capture_output=True, text=True, env=nix_env(), timeout=TIMEOUT, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == [
+        "helloWorld", "_9lives", "tools.greeter", "evalError", "notAPackage", None,
+    ]  # fmt: skip
+
+
 def test_optional_packages_follow_requested_ones() -> None:
     result = evaluate(["hello"], optional=["cacert", "no-such-optional", "iana-etc", "hello"])
     assert result["missing"] == []

@@ -31,13 +31,26 @@
 #   srcArgs           JSON object, by srcType:
 #                       path:    {"path": ABS}  a directory holding default.nix, or a .nix file
 #                       git:     {"url": U, "ref"?: R, "rev"?: 40-hex}  -> builtins.fetchGit with
-#                                the keys given, plus allRefs = true when rev is given (so a
-#                                rev on any branch or tag is found), or ref = "HEAD" when
-#                                neither is given (Nix 2.8 otherwise fetches "master" from a
-#                                remote, and a local checkout's uncommitted working tree).
-#                                Nix 2.8 fetches a ref R that does not start with "refs/" as
-#                                "refs/heads/R" from a remote, so the caller passes a tag T as
-#                                "refs/tags/T".
+#                                the keys given and shallow = true, plus allRefs = true when
+#                                rev is given without ref, or ref = "HEAD" when neither is
+#                                given (Nix 2.8 otherwise fetches "master" from a remote, and
+#                                a local checkout's uncommitted working tree).
+#                                Nix (2.8 to 2.18) fetches a remote's ref R alone ("git fetch
+#                                U R:R", R taken as "refs/heads/R" unless it is "HEAD" or starts
+#                                with "refs/"), and nothing when rev is already in its cache;
+#                                allRefs fetches "refs/*", every ref: over half a minute for
+#                                nixpkgs' 250k refs. So the caller passes the ref a commit was
+#                                found through (a tag T as "refs/tags/T") and gives rev
+#                                without ref only for a commit at no ref's tip. (Nix cannot
+#                                fetch a commit by hash; without ref or allRefs it fetches
+#                                "master" (2.8) or the remote's HEAD (2.18) and fails unless
+#                                rev is there.) shallow = true lets a file:// checkout that
+#                                is a shallow clone, which Nix reads in place, be the
+#                                repository (Nix refuses one otherwise; a shallow bare or
+#                                remote one it cannot fetch from either way), and skips
+#                                revCount, a count of all of rev's history, which nothing
+#                                here uses; it does not shorten the fetch itself in these
+#                                Nix versions.
 #                       tarball: {"url": U, "sha256"?: H}  -> builtins.fetchTarball
 #   packages          JSON list of requested names (strings); absent: return `resolve`
 #   optionalPackages  JSON list of names added when the package set has them (default [])
@@ -115,8 +128,9 @@ let
       else /. + args.path)
     else if srcType == "git" then
       builtins.fetchGit (pick [ "url" "ref" "rev" ]
-        // (if hasAttr "rev" args then { allRefs = true; }
-            else if hasAttr "ref" args then { }
+        // { shallow = true; }
+        // (if hasAttr "ref" args then { }
+            else if hasAttr "rev" args then { allRefs = true; }
             else { ref = "HEAD"; }))
     else if srcType == "tarball" then
       builtins.fetchTarball (pick [ "url" "sha256" ])

@@ -54,6 +54,8 @@ class Config:
     evaluator_idle: float = 600.0
     #: Seconds an evaluator of an unpinned source (a local path) is reused; 0: never.
     evaluator_unpinned_ttl: float = 60.0
+    #: Seconds a git source's ``git ls-remote`` listing is reused (0: never).
+    git_refs_ttl: float = 30.0
     popularity_url: str | None = None
     layering_strategy: str = "stable"
     layer_budget: int = DEFAULT_LAYER_BUDGET
@@ -252,6 +254,13 @@ OPTIONS: tuple[Option, ...] = (
         "seconds an evaluator of a source without a pin (a local path, whose files may "
         "change) is reused before a new one reads the files again (0: never reused)",
         ("NIXERYD_EVALUATOR_UNPINNED_TTL",),
+        _non_negative_float,
+    ),
+    Option(
+        "git_refs_ttl",
+        "seconds a git source's ref listing (git ls-remote) is reused for tags/list and "
+        "pulls by branch or tag; a push shows after at most this long (0: list every time)",
+        ("NIXERYD_GIT_REFS_TTL",),
         _non_negative_float,
     ),
     Option(

@@ -21,6 +21,7 @@ from nixeryd.hookspecs import hookimpl
 from nixeryd.imagename import is_valid_tag
 from nixeryd.process import ProcessResult, ProcessRunner, ProcessTimedOut
 from nixeryd.runtime import Provider, Runtime
+from nixeryd.singleflight import SingleFlight
 from nixeryd.sources import PackageSource, SourceRef
 
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
@@ -91,17 +92,43 @@ class GitSource:
 
     ``latest`` is the repository's HEAD. Each tag is resolved to a commit with
     ``git ls-remote`` (the host's git credentials apply), so Nix always
-    fetches a commit and the manifest cache can key on it.
+    fetches a commit and the manifest cache can key on it. The resolved ref
+    goes to Nix with the commit, so that Nix fetches that one ref: fetching
+    all of a nixpkgs-sized repository's refs takes about a minute.
+
+    The ref list is kept ``refs_ttl`` seconds (0: not kept), so that a page of
+    tags/list, or many ``latest`` pulls, run one ls-remote rather than one
+    each; callers arriving while it runs share it. ``clock`` is the reactor
+    (its ``seconds()``), or a test's clock.
     """
 
-    def __init__(self, url: str, processes: ProcessRunner, timeout: float) -> None:
+    def __init__(
+        self,
+        url: str,
+        processes: ProcessRunner,
+        timeout: float,
+        clock: Any,
+        refs_ttl: float = 30.0,
+    ) -> None:
         self._url = url
         self._processes = processes
         self._timeout = timeout
+        self._clock = clock
+        self._refs_ttl = refs_ttl
+        self._listing: SingleFlight[_Refs] = SingleFlight()
+        self._listed: _Refs | None = None
+        self._listed_at = 0.0
+
+    def _refs(self) -> Deferred[_Refs]:
+        """The repository's refs, listed at most ``refs_ttl`` seconds ago."""
+        if self._listed is not None and self._clock.seconds() < self._listed_at + self._refs_ttl:
+            return succeed(self._listed)
+        return self._listing.run("refs", self._list_refs)
 
     @inlineCallbacks
-    def _refs(self) -> Any:
-        """``{ref name: commit}`` from ``git ls-remote``, annotated tags peeled."""
+    def _list_refs(self) -> Any:
+        # The listing is as old as its start: a push during ls-remote may be missing.
+        started = self._clock.seconds()
         try:
             result: ProcessResult = yield self._processes.run(
                 ["git", "ls-remote", "--", self._url],
@@ -114,41 +141,71 @@ class GitSource:
             raise BuildFailed(
                 f"cannot list the refs of {self._url}: " + " ".join(result.stderr_tail[-3:])
             )
-        refs: dict[str, str] = {}
-        for line in result.stdout.decode("utf-8", "replace").splitlines():
-            commit, _, name = line.partition("\t")
-            if name.endswith("^{}"):
-                refs[name[:-3]] = commit  # the commit an annotated tag points at
-            else:
-                refs.setdefault(name, commit)
+        refs = _Refs(result.stdout.decode("utf-8", "replace"))
+        self._listed, self._listed_at = refs, started
         return refs
 
     @inlineCallbacks
     def resolve(self, tag: str) -> Any:
+        refs: _Refs = yield self._refs()
         if _COMMIT.match(tag):
-            return SourceRef("git", {"url": self._url, "rev": tag}, pin=tag)
-        refs = yield self._refs()
+            # A commit at a ref's tip is fetched through that ref; any other commit
+            # only through all refs (nixeryd.nix adds allRefs when no ref is given).
+            ref = refs.ref_at(tag)
+            args = {"url": self._url, "rev": tag} | ({"ref": ref} if ref else {})
+            return SourceRef("git", args, pin=tag)
         candidates: Sequence[str] = (
             ["HEAD"] if tag == "latest" else [f"refs/tags/{tag}", f"refs/heads/{tag}"]
         )
         for candidate in candidates:
-            if candidate in refs:
-                commit = refs[candidate]
-                return SourceRef("git", {"url": self._url, "rev": commit}, pin=commit)
+            if candidate in refs.commits:
+                commit = refs.commits[candidate]
+                return SourceRef(
+                    "git", {"url": self._url, "ref": candidate, "rev": commit}, pin=commit
+                )
         raise ManifestUnknown(
             f"tag {tag!r} is neither a branch, a tag nor a commit of the package repository"
         )
 
     @inlineCallbacks
     def tags(self) -> Any:
-        refs = yield self._refs()
+        refs: _Refs = yield self._refs()
         names = {"latest"}
-        for name in refs:
+        for name in refs.commits:
             for prefix in ("refs/heads/", "refs/tags/"):
                 # Refs that are no image tag (feature/x) cannot be pulled, so are not listed.
                 if name.startswith(prefix) and is_valid_tag(name[len(prefix) :]):
                     names.add(name[len(prefix) :])
         return sorted(names)
+
+
+class _Refs:
+    """``git ls-remote`` output: ``{ref name: commit}``, annotated tags peeled."""
+
+    def __init__(self, listing: str) -> None:
+        self.commits: dict[str, str] = {}
+        for line in listing.splitlines():
+            commit, _, name = line.partition("\t")
+            if name.endswith("^{}"):
+                self.commits[name[:-3]] = commit  # the commit an annotated tag points at
+            else:
+                self.commits.setdefault(name, commit)
+        self._tips: dict[str, str] | None = None
+
+    def ref_at(self, commit: str) -> str | None:
+        """A ref whose tip is ``commit``: HEAD, else a branch, a tag, then any other ref."""
+        if self._tips is None:
+            order = {"HEAD": 0, "refs/heads/": 1, "refs/tags/": 2}
+            ranked = sorted(
+                self.commits.items(),
+                key=lambda item: min(
+                    (rank for prefix, rank in order.items() if item[0].startswith(prefix)),
+                    default=3,
+                ),
+                reverse=True,
+            )
+            self._tips = {tip: name for name, tip in ranked}  # the best-ranked ref wins
+        return self._tips.get(commit)
 
 
 def _path_source(runtime: Runtime) -> PackageSource:
@@ -160,7 +217,13 @@ def _path_source(runtime: Runtime) -> PackageSource:
 def _git_source(runtime: Runtime) -> PackageSource:
     if not runtime.config.pkgs_repo:
         raise ValueError("the git source needs NIXERY_PKGS_REPO (--pkgs-repo)")
-    return GitSource(runtime.config.pkgs_repo, runtime.processes, runtime.config.nix_timeout)
+    return GitSource(
+        runtime.config.pkgs_repo,
+        runtime.processes,
+        runtime.config.nix_timeout,
+        runtime.reactor,
+        runtime.config.git_refs_ttl,
+    )
 
 
 def _channel_source(runtime: Runtime) -> PackageSource:

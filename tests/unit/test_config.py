@@ -198,3 +198,14 @@ def test_nixpkgs_configuration_from_each_source(tmp_path: Path) -> None:
 def test_a_missing_overlay_file_is_named(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"NIXERYD_NIXPKGS_OVERLAYS.*no such Nix file"):
         load_config({}, {"NIXERYD_NIXPKGS_OVERLAYS": f"{tmp_path}/absent.nix"})
+
+
+def test_git_refs_ttl_defaults_to_30_seconds_and_may_be_0(tmp_path: Path) -> None:
+    assert load_config({}, {}).git_refs_ttl == 30.0
+    assert load_config({}, {"NIXERYD_GIT_REFS_TTL": "0"}).git_refs_ttl == 0.0
+    file = tmp_path / "nixeryd.toml"
+    file.write_text("git_refs_ttl = 5\n")
+    assert load_config({"git_refs_ttl": "7"}, {}, file).git_refs_ttl == 7.0
+    assert load_config({}, {}, file).git_refs_ttl == 5.0
+    with pytest.raises(ConfigError, match=r"NIXERYD_GIT_REFS_TTL"):
+        load_config({}, {"NIXERYD_GIT_REFS_TTL": "-1"})

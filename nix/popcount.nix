@@ -12,10 +12,17 @@
 # The package set is imported as nixeryd.nix imports a path source: a function is called
 # with the subset of { system; config = {}; overlays = []; } its formals name.
 #
+# Evaluating all of nixpkgs at once takes more memory than most machines have, so
+# `nixeryd popcount` asks first for the top-level names only (`--arg names true`: a list of
+# strings, nothing forced), then walks them in chunks (`--argstr top '["a","b"]'`: the walk
+# above over just those top-level names), each chunk in a fresh process.
+#
 # Output: [{"attrPath": "hello", "drvPath": "/nix/store/…drv", "outputPath": "/nix/store/…"}]
 { path
 , attrs ? "[]"
 , system ? builtins.currentSystem
+, names ? false
+, top ? null
 }:
 let
   inherit (builtins) attrNames concatLists concatStringsSep filter foldl' fromJSON
@@ -50,7 +57,7 @@ let
       else if isAttrs value && (tryEval (value.recurseForDerivations or false)).value == true
       then walk here value
       else [ ])
-    (attrNames set));
+    (if prefix == [ ] && top != null then fromJSON top else attrNames set));
 
   lookup = attrPath:
     let
@@ -61,4 +68,5 @@ let
 
   requested = fromJSON attrs;
 in
-if length requested == 0 then walk [ ] pkgs else concatLists (map lookup requested)
+if names then attrNames pkgs
+else if length requested == 0 then walk [ ] pkgs else concatLists (map lookup requested)

@@ -54,7 +54,12 @@ class PopcountOptions(usage.Options):
         ["concurrency", None, 16, "narinfos fetched at once", int],
         ["retries", None, 3, "retries of a failed narinfo fetch", int],
         ["timeout", None, 3600.0, "seconds each Nix invocation may run", float],
-        ["nix-bin-dir", None, None, "directory of the Nix commands (default: from PATH)"],
+        ["chunk-size", None, 200, "top-level names of a package set evaluated per Nix process",
+         int],
+        ["eval-jobs", None, 2, "Nix evaluations of a package set run at once", int],
+        ["limit", None, None, "count only the first N top-level names (a trial run)", int],
+        ["nix-bin-dir", None, None, "directory of the Nix commands (default: "
+         "$NIXERYD_NIX_BIN_DIR, else from PATH)"],
     ]  # fmt: skip
     optFlags: ClassVar[list[list[Any]]] = [
         ["build", None, "build package set outputs that are not in the store (default: skip)"],
@@ -74,6 +79,8 @@ class PopcountOptions(usage.Options):
             raise usage.UsageError("give exactly one of --pkgs-path and --cache")
         if self["concurrency"] < 1 or self["retries"] < 0:
             raise usage.UsageError("--concurrency must be at least 1, --retries at least 0")
+        if self["chunk-size"] < 1 or self["eval-jobs"] < 1:
+            raise usage.UsageError("--chunk-size and --eval-jobs must be at least 1")
 
 
 class Options(usage.Options):
@@ -127,6 +134,15 @@ def serve(options: Any) -> None:
     reactor.run()  # type: ignore[misc]
 
 
+#: Why ``nixeryd popcount --pkgs-path`` wrote nothing, and what the operator can do.
+NOTHING_COUNTED = (
+    "nixeryd popcount: nothing counted: none of the package set's outputs is in the local "
+    "Nix store, and references are only known for built outputs. Build them with --build "
+    "(where Nix can build or substitute them), or count a binary cache that has them with "
+    "--cache URL (e.g. --cache https://cache.nixos.org --paths store-paths.xz)."
+)
+
+
 def popcount(options: Any) -> None:
     """Count, write the JSON, and exit non-zero with a message if counting failed."""
     from twisted.internet import task
@@ -143,6 +159,7 @@ def _popcount(reactor: Any, options: Any) -> Any:
 
     from nixeryd.popcount import (
         BinaryCache,
+        PackageSetCount,
         PackageSetCounter,
         count_references,
         default_progress,
@@ -156,7 +173,10 @@ def _popcount(reactor: Any, options: Any) -> Any:
         counter = PackageSetCounter(
             ReactorProcessRunner(reactor),
             timeout=options["timeout"],
-            bin_dir=options["nix-bin-dir"],
+            bin_dir=options["nix-bin-dir"] or os.environ.get("NIXERYD_NIX_BIN_DIR"),
+            chunk_size=options["chunk-size"],
+            jobs=options["eval-jobs"],
+            limit=options["limit"],
         )
         counted = counter.references(
             Path(options["pkgs-path"]),
@@ -183,7 +203,15 @@ def _popcount(reactor: Any, options: Any) -> Any:
             sys.exit(1)
         counted = cache.references(start, default_progress())
 
-    def write(references: Any) -> None:
+    def write(counted: Any) -> None:
+        if isinstance(counted, PackageSetCount):
+            print(f"nixeryd popcount: {counted.summary()}", file=sys.stderr)
+            if not counted.references:
+                print(NOTHING_COUNTED, file=sys.stderr)
+                raise SystemExit(1)
+            references = counted.references
+        else:
+            references = counted
         counts = count_references(references)
         if options["output"]:
             with open(options["output"], "w") as out:

@@ -29,7 +29,9 @@ from __future__ import annotations
 import json
 import lzma
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from importlib.resources import files
 from pathlib import Path
 from typing import IO, Any
@@ -48,7 +50,7 @@ from twisted.logger import Logger
 
 from nixeryd.closure import store_path_name
 from nixeryd.nixbuild import nix_command
-from nixeryd.process import ProcessResult, ProcessRunner
+from nixeryd.process import ProcessResult, ProcessRunner, ProcessTimedOut
 
 STORE_DIR = "/nix/store"
 
@@ -248,8 +250,51 @@ def read_store_paths(path: Path) -> list[str]:
     return [line.strip() for line in data.decode().splitlines() if line.strip()]
 
 
+@dataclass
+class PackageSetCount:
+    """What counting a package set found: the references, and how many of what were counted.
+
+    nixpkgs is evaluated in chunks, some of its names fail, and without a binary cache
+    little of it is in the store, so the operator needs the figures to tell a count of
+    everything from a count of what happens to be built.
+    """
+
+    references: dict[str, list[str]]
+    listed: int = 0
+    derivations: int = 0
+    skipped: dict[str, str] = field(default_factory=dict)
+    outputs: int = 0
+    present: int = 0
+
+    def summary(self) -> str:
+        """A few lines saying what was counted and what was skipped, and why."""
+        lines = []
+        if self.listed:
+            lines.append(
+                f"{self.listed} top-level names listed, {self.listed - len(self.skipped)} "
+                f"evaluated, {len(self.skipped)} skipped"
+            )
+            for name, reason in sorted(self.skipped.items())[:5]:
+                lines.append(f"  skipped {name}: {reason}")
+            if len(self.skipped) > 5:
+                lines.append(f"  ... and {len(self.skipped) - 5} more")
+        lines.append(
+            f"{self.derivations} derivations with {self.outputs} outputs, {self.present} of "
+            f"them in the local store and counted; {len(self.references)} store paths in "
+            f"their closures"
+        )
+        return "\n".join(lines)
+
+
 class PackageSetCounter:
-    """Counts references among the closures of a package set's outputs, with real Nix."""
+    """Counts references among the closures of a package set's outputs, with real Nix.
+
+    A whole package set is evaluated in chunks of top-level names, each in a fresh
+    ``nix-instantiate`` (nixpkgs evaluated at once grows past 16 GB; a process's memory
+    is returned when it ends), a few at once. A chunk that fails (a ``throw`` that
+    ``tryEval`` cannot catch, such as a missing file, an abort, memory, the timeout) is
+    bisected down to the names that fail, which are skipped and counted.
+    """
 
     log = Logger()
 
@@ -260,11 +305,19 @@ class PackageSetCounter:
         timeout: float,
         bin_dir: str | None = None,
         expression: Path | None = None,
+        chunk_size: int = 200,
+        jobs: int = 2,
+        limit: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._processes = processes
         self._timeout = timeout
         self._bin_dir = bin_dir
         self._expression = expression or Path(str(files("nixeryd") / "nixexprs" / "popcount.nix"))
+        self._chunk_size = chunk_size
+        self._jobs = jobs
+        self._limit = limit
+        self._clock = clock
 
     def _command(self, name: str) -> str:
         return nix_command(self._bin_dir, name)
@@ -283,27 +336,43 @@ class PackageSetCounter:
             )
         return result
 
+    def _evaluation(self, package_set: Path, system: str | None) -> list[str]:
+        argv = [
+            self._command("nix-instantiate"), "--eval", "--strict", "--json", "--read-write-mode",
+            str(self._expression), "--arg", "path", str(package_set.resolve()),
+        ]  # fmt: skip
+        if system:
+            argv += ["--argstr", "system", system]
+        return argv
+
     @inlineCallbacks
     def references(
         self, package_set: Path, attributes: Sequence[str], *, build: bool, system: str | None
     ) -> Any:
-        """Store path -> references over the closures of the package set's outputs."""
-        argv = [
-            self._command("nix-instantiate"), "--eval", "--strict", "--json", "--read-write-mode",
-            str(self._expression), "--arg", "path", str(package_set.resolve()),
-            "--argstr", "attrs", json.dumps(list(attributes)),
-        ]  # fmt: skip
-        if system:
-            argv += ["--argstr", "system", system]
-        evaluated: ProcessResult = yield self._run(argv, "evaluation")
-        packages = json.loads(evaluated.stdout)
-        named = {package["attrPath"] for package in packages}
-        for attribute in attributes:
-            if attribute not in named:
-                self.log.warn(
-                    "{attribute}: not a derivation that evaluates; skipped", attribute=attribute
-                )
+        """A :class:`PackageSetCount` over the closures of the package set's outputs."""
+        evaluation = self._evaluation(package_set, system)
+        count = PackageSetCount({})
+        if attributes:
+            evaluated: ProcessResult = yield self._run(
+                [*evaluation, "--argstr", "attrs", json.dumps(list(attributes))], "evaluation"
+            )
+            packages = json.loads(evaluated.stdout)
+            named = {package["attrPath"] for package in packages}
+            for attribute in attributes:
+                if attribute not in named:
+                    self.log.warn(
+                        "{attribute}: not a derivation that evaluates; skipped",
+                        attribute=attribute,
+                    )
+        else:
+            listing: ProcessResult = yield self._run(
+                [*evaluation, "--arg", "names", "true"], "listing"
+            )
+            names = json.loads(listing.stdout)[: self._limit]
+            packages = yield self._evaluate_chunks(evaluation, names, count)
+        count.derivations = len({package["drvPath"] for package in packages})
         outputs = sorted({package["outputPath"] for package in packages})
+        count.outputs = len(outputs)
         if build and packages:
             drvs = sorted({package["drvPath"] for package in packages})
             built: ProcessResult = yield self._run(
@@ -314,6 +383,7 @@ class PackageSetCounter:
             if built.exit_code != 0:
                 self.log.warn("some packages failed to build; their references are not counted")
         present = yield self._valid(outputs)
+        count.present = len(present)
         absent = sorted(set(outputs) - set(present))
         if absent:
             self.log.warn(
@@ -321,18 +391,91 @@ class PackageSetCounter:
                 count=len(absent),
                 total=len(outputs),
                 hint="" if build else " (pass --build to build them)",
-                names=", ".join(store_path_name(path) for path in absent),
+                names=", ".join(store_path_name(path) for path in absent[:20])
+                + (f", ... ({len(absent) - 20} more)" if len(absent) > 20 else ""),
             )
-        if not present:
-            return {}
-        info: ProcessResult = yield self._run(
-            [self._command("nix"), "--extra-experimental-features", "nix-command",
-             "path-info", "--json", "--recursive", *present],
-            "closure query",
-        )  # fmt: skip
-        report = json.loads(info.stdout)
-        entries = report.items() if isinstance(report, dict) else ((e["path"], e) for e in report)
-        return {path: list(entry.get("references", ())) for path, entry in entries if entry}
+        if present:
+            info: ProcessResult = yield self._run(
+                [self._command("nix"), "--extra-experimental-features", "nix-command",
+                 "path-info", "--json", "--recursive", *present],
+                "closure query",
+            )  # fmt: skip
+            report = json.loads(info.stdout)
+            entries = (
+                report.items() if isinstance(report, dict) else ((e["path"], e) for e in report)
+            )
+            count.references = {
+                path: list(entry.get("references", ())) for path, entry in entries if entry
+            }
+        return count
+
+    @inlineCallbacks
+    def _evaluate_chunks(
+        self, evaluation: Sequence[str], names: Sequence[str], count: PackageSetCount
+    ) -> Any:
+        """The derivations under ``names``, evaluated a chunk at a time, ``jobs`` at once."""
+        count.listed = len(names)
+        chunks = [
+            list(names[i : i + self._chunk_size]) for i in range(0, len(names), self._chunk_size)
+        ]
+        slots = DeferredSemaphore(self._jobs)
+        started = self._clock()
+        progress = {"names": 0, "chunks": 0}
+
+        def report(packages: list[dict[str, str]], chunk: list[str]) -> list[dict[str, str]]:
+            progress["names"] += len(chunk)
+            progress["chunks"] += 1
+            self.log.info(
+                "evaluated {done}/{total} names ({chunks}/{all} chunks), {skipped} skipped, "
+                "{elapsed:.0f} s",
+                done=progress["names"],
+                total=len(names),
+                chunks=progress["chunks"],
+                all=len(chunks),
+                skipped=len(count.skipped),
+                elapsed=self._clock() - started,
+            )
+            return packages
+
+        evaluated = yield gatherResults(
+            [
+                slots.run(self._evaluate_chunk, evaluation, chunk, count).addCallback(report, chunk)
+                for chunk in chunks
+            ],
+            consumeErrors=True,
+        ).addErrback(_first_error)
+        return [package for packages in evaluated for package in packages]
+
+    @inlineCallbacks
+    def _evaluate_chunk(
+        self, evaluation: Sequence[str], names: list[str], count: PackageSetCount
+    ) -> Any:
+        """The derivations under ``names``; the names that fail are bisected out and skipped."""
+
+        def log_line(line: str) -> None:
+            self.log.debug("evaluation: {line}", line=line)
+
+        problem: str
+        try:
+            result: ProcessResult = yield self._processes.run(
+                [*evaluation, "--argstr", "top", json.dumps(names)],
+                timeout=self._timeout,
+                on_stderr_line=log_line,
+            )
+        except ProcessTimedOut as timed_out:
+            problem = f"evaluation ran longer than {timed_out.timeout:g} s"
+        else:
+            if result.exit_code == 0:
+                return json.loads(result.stdout)
+            problem = _evaluation_error(result)
+        if len(names) == 1:
+            count.skipped[names[0]] = problem
+            self.log.warn("{name}: skipped: {problem}", name=names[0], problem=problem)
+            return []
+        half = len(names) // 2
+        first = yield self._evaluate_chunk(evaluation, names[:half], count)
+        second = yield self._evaluate_chunk(evaluation, names[half:], count)
+        return first + second
 
     @inlineCallbacks
     def _valid(self, outputs: Sequence[str]) -> Any:
@@ -344,6 +487,15 @@ class PackageSetCounter:
         )
         invalid = set(result.stdout.decode().split())
         return [path for path in outputs if path not in invalid]
+
+
+def _evaluation_error(result: ProcessResult) -> str:
+    """Nix's own ``error:`` line if it printed one, else how the process ended (killed for
+    memory, say)."""
+    errors = [line.strip() for line in result.stderr_tail if line.strip().startswith("error:")]
+    if errors:
+        return errors[-1]
+    return f"nix-instantiate exited with status {result.exit_code}"
 
 
 def write_popularity(counts: Mapping[str, int], out: IO[str]) -> None:

@@ -7,9 +7,10 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 
 from nixeryd.cli import Options
@@ -21,6 +22,7 @@ from nixeryd.popcount import (
     parse_narinfo,
     read_store_paths,
 )
+from nixeryd.process import ProcessResult, ProcessTimedOut
 from tests.fakes import Expect, ExpectingProcessRunner
 
 A = "/nix/store/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-app-1.0"
@@ -178,7 +180,7 @@ def test_a_package_set_is_evaluated_checked_and_its_closure_counted() -> None:
     )
     counter = PackageSetCounter(runner, timeout=10, expression=Path("/popcount.nix"))
     result = counter.references(Path("/pkgs"), ["app", "unbuilt"], build=False, system=None)
-    assert result.result == {A: [A, C], C: [C]}
+    assert result.result.references == {A: [A, C], C: [C]}
     instantiate = runner.expectations[0].calls[0]
     assert instantiate[instantiate.index("attrs") + 1] == '["app", "unbuilt"]'
     assert runner.expectations[2].calls[0][-1] == A
@@ -186,8 +188,10 @@ def test_a_package_set_is_evaluated_checked_and_its_closure_counted() -> None:
 
 def test_building_is_asked_for() -> None:
     runner = ExpectingProcessRunner(
+        Expect(["nix-instantiate"], containing=["names", "true"], stdout=b'["a"]'),
         Expect(
             ["nix-instantiate"],
+            containing=["top", '["a"]'],
             stdout=b'[{"attrPath": "a", "drvPath": "/nix/store/x-a.drv", "outputPath": "%s"}]'
             % A.encode(),
         ),
@@ -196,8 +200,115 @@ def test_building_is_asked_for() -> None:
     )
     counter = PackageSetCounter(runner, timeout=10, expression=Path("/popcount.nix"))
     result = counter.references(Path("/pkgs"), [], build=True, system="aarch64-linux")
-    assert result.result == {}
-    assert runner.expectations[1].calls[0][-1] == "/nix/store/x-a.drv"
+    assert result.result.references == {}
+    assert runner.expectations[2].calls[0][-1] == "/nix/store/x-a.drv"
+
+
+def package(name: str) -> dict[str, str]:
+    return {
+        "attrPath": name,
+        "drvPath": f"/nix/store/{'d' * 32}-{name}.drv",
+        "outputPath": f"/nix/store/{'o' * 32}-{name}",
+    }
+
+
+class ChunkedNix:
+    """Nix over a package set of which nothing is built: the listing, then chunks of it, in
+    which the names in ``failing`` fail the whole process the way an uncatchable error does
+    (or, given as "timeout", time out)."""
+
+    def __init__(self, names: Sequence[str], failing: dict[str, str]) -> None:
+        self.names = list(names)
+        self.failing = failing
+        self.chunks: list[list[str]] = []
+        self.in_flight = 0
+        self.most_in_flight = 0
+        self.waiting: list[tuple[Deferred[ProcessResult], ProcessResult]] = []
+
+    def run(
+        self, argv: Sequence[str], *, timeout: float, on_stderr_line: Any, env: Any = None
+    ) -> Deferred[ProcessResult]:
+        if "names" in argv:
+            return succeed(ProcessResult(tuple(argv), 0, json.dumps(self.names).encode(), ()))
+        if "--check-validity" in argv:
+            return succeed(ProcessResult(tuple(argv), 0, "\n".join(argv[3:]).encode(), ()))
+        chunk = json.loads(argv[argv.index("top") + 1])
+        self.chunks.append(chunk)
+        bad = [self.failing[name] for name in chunk if name in self.failing]
+        if bad == ["timeout"]:
+            return fail(ProcessTimedOut(argv, timeout, ()))
+        on_stderr_line("trace: evaluation warning: something was renamed")
+        result = (
+            ProcessResult(tuple(argv), 1, b"", ("error:", "       … while evaluating", bad[0]))
+            if bad
+            else ProcessResult(
+                tuple(argv), 0, json.dumps([package(name) for name in chunk]).encode(), ()
+            )
+        )
+        deferred: Deferred[ProcessResult] = Deferred()
+        self.waiting.append((deferred, result))
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        return deferred
+
+    def finish_all(self) -> None:
+        while self.waiting:
+            deferred, result = self.waiting.pop(0)
+            self.in_flight -= 1
+            deferred.callback(result)
+
+
+def test_a_package_set_is_evaluated_in_chunks_a_few_at_once() -> None:
+    names = [f"p{i:02}" for i in range(10)]
+    nix = ChunkedNix(names, {})
+    counter = PackageSetCounter(nix, timeout=10, chunk_size=3, jobs=2)
+    result = counter.references(Path("/pkgs"), [], build=False, system=None)
+    nix.finish_all()
+    assert [len(chunk) for chunk in nix.chunks] == [3, 3, 3, 1]
+    assert nix.most_in_flight == 2
+    count = result.result
+    assert (count.listed, count.derivations, count.outputs, count.skipped) == (10, 10, 10, {})
+
+
+def test_a_failing_chunk_is_bisected_and_the_bad_names_skipped() -> None:
+    names = [f"p{i:02}" for i in range(8)]
+    nix = ChunkedNix(
+        names, {"p02": "error: getting status of 'x.nix': No such file", "p07": "timeout"}
+    )
+    counter = PackageSetCounter(nix, timeout=10, chunk_size=8, jobs=1)
+    result = counter.references(Path("/pkgs"), [], build=False, system=None)
+    for _ in range(20):
+        nix.finish_all()
+    count = result.result
+    assert count.skipped == {
+        "p02": "error: getting status of 'x.nix': No such file",
+        "p07": "evaluation ran longer than 10 s",
+    }
+    assert count.derivations == 6
+    assert max(len(chunk) for chunk in nix.chunks[1:]) == 4, "halves, not the whole again"
+    summary = count.summary()
+    assert "8 top-level names listed, 6 evaluated, 2 skipped" in summary
+    assert "skipped p02: error: getting status of 'x.nix'" in summary
+    assert "6 derivations with 6 outputs, 0 of them in the local store" in summary
+
+
+def test_nothing_counted_says_so_and_fails(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from nixeryd import cli
+
+    nix = ChunkedNix(["a", "b"], {})
+    monkeypatch.setattr("nixeryd.process.ReactorProcessRunner", lambda reactor: nix)
+    options = Options()
+    options.parseOptions(["popcount", "--pkgs-path", "/pkgs"])
+    counted = cli._popcount(None, options.subOptions)
+    nix.finish_all()
+    failure = counted.result
+    counted.addErrback(lambda _: None)
+    assert isinstance(failure.value, SystemExit) and failure.value.code == 1
+    err = capsys.readouterr().err
+    assert "2 derivations with 2 outputs, 0 of them in the local store" in err
+    assert "nothing counted" in err and "--build" in err and "--cache" in err
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,9 @@ an air-gapped site can run on its own machines:
   references among the closures of their outputs, as ``nix path-info
   --recursive`` reports them. Runtime references exist only for built outputs:
   outputs not in the store are built with ``--build`` and skipped (and named)
-  without it, so that counting never starts hours of building by surprise;
+  without it, so that counting never starts hours of building by surprise. A whole
+  set is evaluated a chunk of top-level names at a time, each in a fresh process,
+  so that memory stays bounded on sets the size of nixpkgs;
 * a **binary cache** (:class:`BinaryCache`), ``http(s)://`` or ``file://``
   (one made with ``nix copy --to file:///srv/cache ...``): read the narinfos of
   its store paths and count their ``References``. A ``file://`` cache is listed

@@ -314,7 +314,9 @@ def test_nothing_counted_says_so_and_fails(
 @pytest.mark.parametrize(
     "argv",
     [["popcount"], ["popcount", "--pkgs-path", "x", "--cache", "file:///y"],
-     ["popcount", "--cache", "file:///y", "--concurrency", "0"]],
+     ["popcount", "--cache", "file:///y", "--concurrency", "0"],
+     ["popcount", "--pkgs-path", "x", "--chunk-size", "0"],
+     ["popcount", "--pkgs-path", "x", "--eval-jobs", "0"]],
 )  # fmt: skip
 def test_the_command_wants_exactly_one_source(argv: Sequence[str]) -> None:
     from twisted.python import usage

@@ -15,7 +15,10 @@
 # Evaluating all of nixpkgs at once takes more memory than most machines have, so
 # `nixeryd popcount` asks first for the top-level names only (`--arg names true`: a list of
 # strings, nothing forced), then walks them in chunks (`--argstr top '["a","b"]'`: the walk
-# above over just those top-level names), each chunk in a fresh process.
+# above over just those top-level names), each chunk in a fresh process. A chunk that
+# fails (an error tryEval cannot catch, such as a missing file) is walked again a name at
+# a time in a `nix repl`, which binds the package set once (`evaluator = true`: the result
+# is { topLevel = names: ENTRIES; }), so a failing name costs its own evaluation only.
 #
 # Output: [{"attrPath": "hello", "drvPath": "/nix/store/…drv", "outputPath": "/nix/store/…"}]
 { path
@@ -23,6 +26,7 @@
 , system ? builtins.currentSystem
 , names ? false
 , top ? null
+, evaluator ? false
 }:
 let
   inherit (builtins) attrNames concatLists concatStringsSep filter foldl' fromJSON
@@ -49,7 +53,8 @@ let
     in
     if forced.success then [ forced.value ] else [ ];
 
-  walk = prefix: set: concatLists (map
+  # The entries under `names` of `set`, whose attribute path is `prefix`.
+  walkNames = prefix: set: names: concatLists (map
     (name:
       let attempt = tryEval set.${name}; value = attempt.value; here = prefix ++ [ name ]; in
       if !attempt.success then [ ]
@@ -57,7 +62,11 @@ let
       else if isAttrs value && (tryEval (value.recurseForDerivations or false)).value == true
       then walk here value
       else [ ])
-    (if prefix == [ ] && top != null then fromJSON top else attrNames set));
+    names);
+
+  walk = prefix: set: walkNames prefix set (attrNames set);
+
+  topLevel = walkNames [ ] pkgs;
 
   lookup = attrPath:
     let
@@ -68,5 +77,7 @@ let
 
   requested = fromJSON attrs;
 in
-if names then attrNames pkgs
+if evaluator then { inherit topLevel; }
+else if names then attrNames pkgs
+else if top != null then topLevel (fromJSON top)
 else if length requested == 0 then walk [ ] pkgs else concatLists (map lookup requested)

@@ -177,6 +177,7 @@ def _popcount(reactor: Any, options: Any) -> Any:
             chunk_size=options["chunk-size"],
             jobs=options["eval-jobs"],
             limit=options["limit"],
+            reactor=reactor,
         )
         counted = counter.references(
             Path(options["pkgs-path"]),

@@ -51,10 +51,15 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from nixeryd.closure import store_path_name
-from nixeryd.nixbuild import nix_command
+from nixeryd.evaluator import Evaluator, EvaluatorLimits
+from nixeryd.nixbuild import nix_command, nix_string, repl_argv
 from nixeryd.process import ProcessResult, ProcessRunner, ProcessTimedOut
 
 STORE_DIR = "/nix/store"
+
+#: Resident bytes past which the repl walking failed chunks is restarted: the
+#: evaluations it holds grow with every name, and no Nix process should pass 4 GB.
+EVALUATOR_MEMORY = 3 * 2**30
 
 
 def count_references(references: Mapping[str, Iterable[str]]) -> dict[str, int]:
@@ -295,7 +300,10 @@ class PackageSetCounter:
     ``nix-instantiate`` (nixpkgs evaluated at once grows past 16 GB; a process's memory
     is returned when it ends), a few at once. A chunk that fails (a ``throw`` that
     ``tryEval`` cannot catch, such as a missing file, an abort, memory, the timeout) is
-    bisected down to the names that fail, which are skipped and counted.
+    evaluated again a name at a time, in one ``nix repl`` that holds the package set (an
+    :class:`~nixeryd.evaluator.Evaluator`, restarted past :data:`EVALUATOR_MEMORY`), so a
+    failing name costs its own evaluation rather than fresh imports of the package set;
+    the names that fail are skipped and counted. ``reactor`` times the repl's requests.
     """
 
     log = Logger()
@@ -311,6 +319,7 @@ class PackageSetCounter:
         jobs: int = 2,
         limit: int | None = None,
         clock: Callable[[], float] = time.monotonic,
+        reactor: Any = None,
     ) -> None:
         self._processes = processes
         self._timeout = timeout
@@ -320,6 +329,7 @@ class PackageSetCounter:
         self._jobs = jobs
         self._limit = limit
         self._clock = clock
+        self._reactor = reactor
 
     def _command(self, name: str) -> str:
         return nix_command(self._bin_dir, name)
@@ -371,7 +381,11 @@ class PackageSetCounter:
                 [*evaluation, "--arg", "names", "true"], "listing"
             )
             names = json.loads(listing.stdout)[: self._limit]
-            packages = yield self._evaluate_chunks(evaluation, names, count)
+            one_by_one = self._evaluator(package_set, system)
+            try:
+                packages = yield self._evaluate_chunks(evaluation, names, count, one_by_one)
+            finally:
+                one_by_one.stop()
         count.derivations = len({package["drvPath"] for package in packages})
         outputs = sorted({package["outputPath"] for package in packages})
         count.outputs = len(outputs)
@@ -411,9 +425,29 @@ class PackageSetCounter:
             }
         return count
 
+    def _evaluator(self, package_set: Path, system: str | None) -> Evaluator:
+        """The repl that walks the names of failed chunks one at a time (started if needed)."""
+        arguments = f"path = /. + {nix_string(str(package_set.resolve()))}; evaluator = true;"
+        if system:
+            arguments += f" system = {nix_string(system)};"
+        return Evaluator(
+            self._processes,
+            self._reactor,
+            argv=repl_argv(self._bin_dir),
+            setup=f"popcount = import {nix_string(str(self._expression))} {{ {arguments} }}",
+            limits=EvaluatorLimits(
+                capacity=1, memory=EVALUATOR_MEMORY, idle=600, request_timeout=self._timeout
+            ),
+            name="popcount",
+        )
+
     @inlineCallbacks
     def _evaluate_chunks(
-        self, evaluation: Sequence[str], names: Sequence[str], count: PackageSetCount
+        self,
+        evaluation: Sequence[str],
+        names: Sequence[str],
+        count: PackageSetCount,
+        one_by_one: Evaluator,
     ) -> Any:
         """The derivations under ``names``, evaluated a chunk at a time, ``jobs`` at once."""
         count.listed = len(names)
@@ -441,7 +475,9 @@ class PackageSetCounter:
 
         evaluated = yield gatherResults(
             [
-                slots.run(self._evaluate_chunk, evaluation, chunk, count).addCallback(report, chunk)
+                slots.run(self._evaluate_chunk, evaluation, chunk, count, one_by_one).addCallback(
+                    report, chunk
+                )
                 for chunk in chunks
             ],
             consumeErrors=True,
@@ -450,19 +486,18 @@ class PackageSetCounter:
 
     @inlineCallbacks
     def _evaluate_chunk(
-        self, evaluation: Sequence[str], names: list[str], count: PackageSetCount
+        self,
+        evaluation: Sequence[str],
+        names: list[str],
+        count: PackageSetCount,
+        one_by_one: Evaluator,
     ) -> Any:
-        """The derivations under ``names``; the names that fail are bisected out and skipped."""
-
-        def log_line(line: str) -> None:
-            self.log.debug("evaluation: {line}", line=line)
-
-        problem: str
+        """The derivations under ``names``; if the chunk fails, a name at a time."""
         try:
             result: ProcessResult = yield self._processes.run(
                 [*evaluation, "--argstr", "top", json.dumps(names)],
                 timeout=self._timeout,
-                on_stderr_line=log_line,
+                on_stderr_line=self._log_evaluation_line,
             )
         except ProcessTimedOut as timed_out:
             problem = f"evaluation ran longer than {timed_out.timeout:g} s"
@@ -471,13 +506,36 @@ class PackageSetCounter:
                 return json.loads(result.stdout)
             problem = _evaluation_error(result)
         if len(names) == 1:
-            count.skipped[names[0]] = problem
-            self.log.warn("{name}: skipped: {problem}", name=names[0], problem=problem)
+            self._skip(count, names[0], problem)
             return []
-        half = len(names) // 2
-        first = yield self._evaluate_chunk(evaluation, names[:half], count)
-        second = yield self._evaluate_chunk(evaluation, names[half:], count)
-        return first + second
+        self.log.info(
+            "a chunk of {count} names failed ({problem}); evaluating them one at a time",
+            count=len(names),
+            problem=problem,
+        )
+        packages = []
+        for name in names:
+            try:
+                answer: ProcessResult = yield one_by_one.evaluate(
+                    f"builtins.toJSON (popcount.topLevel [ {nix_string(name)} ])",
+                    self._log_evaluation_line,
+                )
+            except ProcessTimedOut as timed_out:
+                self._skip(count, name, f"evaluation ran longer than {timed_out.timeout:g} s")
+                continue
+            if answer.exit_code == 0:
+                packages += json.loads(answer.stdout)
+            else:
+                self._skip(count, name, _evaluation_error(answer))
+        return packages
+
+    def _log_evaluation_line(self, line: str) -> None:
+        # nixpkgs prints thousands of rename warnings: debug only.
+        self.log.debug("evaluation: {line}", line=line)
+
+    def _skip(self, count: PackageSetCount, name: str, problem: str) -> None:
+        count.skipped[name] = problem
+        self.log.warn("{name}: skipped: {problem}", name=name, problem=problem)
 
     @inlineCallbacks
     def _valid(self, outputs: Sequence[str]) -> Any:

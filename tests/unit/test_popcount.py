@@ -23,7 +23,7 @@ from nixeryd.popcount import (
     read_store_paths,
 )
 from nixeryd.process import ProcessResult, ProcessTimedOut
-from tests.fakes import Expect, ExpectingProcessRunner
+from tests.fakes import Expect, ExpectingProcessRunner, ReplReply, ReplScript
 
 A = "/nix/store/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-app-1.0"
 B = "/nix/store/bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb-lib-2.0"
@@ -270,22 +270,35 @@ def test_a_package_set_is_evaluated_in_chunks_a_few_at_once() -> None:
     assert (count.listed, count.derivations, count.outputs, count.skipped) == (10, 10, 10, {})
 
 
-def test_a_failing_chunk_is_bisected_and_the_bad_names_skipped() -> None:
+def test_a_failing_chunk_is_evaluated_a_name_at_a_time_and_the_bad_names_skipped() -> None:
     names = [f"p{i:02}" for i in range(8)]
-    nix = ChunkedNix(
-        names, {"p02": "error: getting status of 'x.nix': No such file", "p07": "timeout"}
+    missing_file = "error: getting status of 'x.nix': No such file"
+    nix = ChunkedNix(names, {"p02": missing_file, "p07": missing_file})
+    # The repl holding the package set answers each name of the failed chunk in turn.
+    answers = [ReplReply(answer=json.dumps([package(name)])) for name in names]
+    answers[2] = ReplReply(stderr=["error:", "       … while evaluating", "       " + missing_file])
+    answers[7] = ReplReply(gate=Deferred())  # runs past the timeout
+    repl = ReplScript(*answers)
+    runner = ExpectingProcessRunner(repl=repl)
+    runner.run = nix.run  # type: ignore[method-assign]
+    reactor = Clock()
+    counter = PackageSetCounter(
+        runner, timeout=10, expression=Path("/popcount.nix"), chunk_size=8, jobs=1, reactor=reactor
     )
-    counter = PackageSetCounter(nix, timeout=10, chunk_size=8, jobs=1)
-    result = counter.references(Path("/pkgs"), [], build=False, system=None)
-    for _ in range(20):
-        nix.finish_all()
+    result = counter.references(Path("/pkgs"), [], build=False, system="x86_64-linux")
+    nix.finish_all()
+    reactor.advance(10)
     count = result.result
-    assert count.skipped == {
-        "p02": "error: getting status of 'x.nix': No such file",
-        "p07": "evaluation ran longer than 10 s",
-    }
+    assert count.skipped == {"p02": missing_file, "p07": "evaluation ran longer than 10 s"}
     assert count.derivations == 6
-    assert max(len(chunk) for chunk in nix.chunks[1:]) == 4, "halves, not the whole again"
+    assert nix.chunks == [names], "one fresh process for the chunk, then the repl"
+    [process] = repl.processes
+    assert process.setup == [
+        'popcount = import "/popcount.nix" { path = /. + "/pkgs"; evaluator = true;'
+        ' system = "x86_64-linux"; }'
+    ]
+    assert process.expressions[2] == 'builtins.toJSON (popcount.topLevel [ "p02" ])'
+    assert process.killed, "stopped when the count is done"
     summary = count.summary()
     assert "8 top-level names listed, 6 evaluated, 2 skipped" in summary
     assert "skipped p02: error: getting status of 'x.nix'" in summary

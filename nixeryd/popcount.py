@@ -57,6 +57,10 @@ from nixeryd.process import ProcessResult, ProcessRunner, ProcessTimedOut
 
 STORE_DIR = "/nix/store"
 
+#: Store paths given to one Nix command: a whole nixpkgs' outputs (tens of thousands)
+#: pass the kernel's limit on a command line's length.
+PATHS_PER_COMMAND = 2000
+
 #: Resident bytes past which the repl walking failed chunks is restarted: the
 #: evaluations it holds grow with every name, and no Nix process should pass 4 GB.
 EVALUATOR_MEMORY = 3 * 2**30
@@ -391,12 +395,15 @@ class PackageSetCounter:
         count.outputs = len(outputs)
         if build and packages:
             drvs = sorted({package["drvPath"] for package in packages})
-            built: ProcessResult = yield self._run(
-                [self._command("nix-store"), "--realise", "--keep-going", *drvs],
-                "build",
-                check=False,
-            )
-            if built.exit_code != 0:
+            failed = False
+            for batch in _batches(drvs):
+                built: ProcessResult = yield self._run(
+                    [self._command("nix-store"), "--realise", "--keep-going", *batch],
+                    "build",
+                    check=False,
+                )
+                failed = failed or built.exit_code != 0
+            if failed:
                 self.log.warn("some packages failed to build; their references are not counted")
         present = yield self._valid(outputs)
         count.present = len(present)
@@ -410,19 +417,19 @@ class PackageSetCounter:
                 names=", ".join(store_path_name(path) for path in absent[:20])
                 + (f", ... ({len(absent) - 20} more)" if len(absent) > 20 else ""),
             )
-        if present:
+        for batch in _batches(present):
             info: ProcessResult = yield self._run(
                 [self._command("nix"), "--extra-experimental-features", "nix-command",
-                 "path-info", "--json", "--recursive", *present],
+                 "path-info", "--json", "--recursive", *batch],
                 "closure query",
             )  # fmt: skip
             report = json.loads(info.stdout)
             entries = (
                 report.items() if isinstance(report, dict) else ((e["path"], e) for e in report)
             )
-            count.references = {
-                path: list(entry.get("references", ())) for path, entry in entries if entry
-            }
+            count.references.update(
+                (path, list(entry.get("references", ()))) for path, entry in entries if entry
+            )
         return count
 
     def _evaluator(self, package_set: Path, system: str | None) -> Evaluator:
@@ -539,14 +546,19 @@ class PackageSetCounter:
 
     @inlineCallbacks
     def _valid(self, outputs: Sequence[str]) -> Any:
-        if not outputs:
-            return []
-        result: ProcessResult = yield self._run(
-            [self._command("nix-store"), "--check-validity", "--print-invalid", *outputs],
-            "validity check",
-        )
-        invalid = set(result.stdout.decode().split())
+        invalid: set[str] = set()
+        for batch in _batches(outputs):
+            result: ProcessResult = yield self._run(
+                [self._command("nix-store"), "--check-validity", "--print-invalid", *batch],
+                "validity check",
+            )
+            invalid.update(result.stdout.decode().split())
         return [path for path in outputs if path not in invalid]
+
+
+def _batches(paths: Sequence[str]) -> list[Sequence[str]]:
+    """``paths`` in runs of :data:`PATHS_PER_COMMAND`, for one command line each."""
+    return [paths[i : i + PATHS_PER_COMMAND] for i in range(0, len(paths), PATHS_PER_COMMAND)]
 
 
 def _evaluation_error(result: ProcessResult) -> str:

@@ -345,3 +345,25 @@ def test_the_command_line() -> None:
     )
     assert options.subOptions["attr"] == ["a", "b.c"]
     assert options.subOptions["build"]
+
+
+def test_the_outputs_of_a_whole_package_set_are_checked_a_command_line_at_a_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """nixpkgs has ~30,000 outputs: on one command line they pass the kernel's limit."""
+    monkeypatch.setattr("nixeryd.popcount.PATHS_PER_COMMAND", 3)
+    nix = ChunkedNix([f"p{i}" for i in range(7)], {})
+    checked: list[int] = []
+    run = nix.run
+
+    def recording(argv: Sequence[str], **kwargs: Any) -> Deferred[ProcessResult]:
+        if "--check-validity" in argv:
+            checked.append(len(argv) - 3)
+        return run(argv, **kwargs)
+
+    nix.run = recording  # type: ignore[method-assign]
+    counter = PackageSetCounter(nix, timeout=10, chunk_size=10)
+    result = counter.references(Path("/pkgs"), [], build=False, system=None)
+    nix.finish_all()
+    assert checked == [3, 3, 1]
+    assert result.result.outputs == 7

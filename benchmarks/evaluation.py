@@ -29,7 +29,7 @@ from typing import Any
 from twisted.internet import task
 from twisted.internet.defer import inlineCallbacks
 
-from nixeryd.evaluator import EvaluatorLimits, EvaluatorPool
+from nixeryd.evaluator import EvaluatorLimits, EvaluatorPool, Repl
 from nixeryd.imagename import ImageTarget, parse_image_name
 from nixeryd.nixbuild import Nix, repl_argv
 from nixeryd.platform import AMD64
@@ -75,7 +75,7 @@ class Bench:
     def pool(self) -> EvaluatorPool:
         limits = EvaluatorLimits(capacity=1, memory=2**40, idle=600, request_timeout=600)
         return EvaluatorPool(
-            self.processes, self.reactor, argv=repl_argv(self.bin_dir), limits=limits, env=self.env
+            Repl(self.processes, self.reactor, repl_argv(self.bin_dir), limits, env=self.env)
         )
 
     @inlineCallbacks

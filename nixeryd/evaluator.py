@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import secrets
 from collections import OrderedDict, deque
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +52,18 @@ from nixeryd.process import (
 MemoryReader = Callable[[int], "int | None"]
 
 
+def resident_memory(pid: int) -> int | None:
+    """The resident memory (VmRSS) of process ``pid``, in bytes."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    for line in status.splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return None
+
+
 @dataclass(frozen=True)
 class EvaluatorLimits:
     """How evaluators are bounded (see the ``evaluator_*`` options)."""
@@ -66,16 +78,17 @@ class EvaluatorLimits:
     request_timeout: float
 
 
-def resident_memory(pid: int) -> int | None:
-    """The resident memory (VmRSS) of process ``pid``, in bytes."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return None
-    for line in status.splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return None
+@dataclass(frozen=True)
+class Repl:
+    """How evaluators run their repl: the command, through which seam, on which clock
+    (the reactor, or a test's), bounded how; shared by every evaluator of a pool."""
+
+    processes: ProcessRunner
+    clock: Any
+    argv: tuple[str, ...]
+    limits: EvaluatorLimits
+    env: dict[str, str] | None = None
+    read_memory: MemoryReader = resident_memory
 
 
 class _Request:
@@ -109,28 +122,14 @@ class Evaluator:
 
     log = Logger()
 
-    def __init__(
-        self,
-        processes: ProcessRunner,
-        clock: Any,
-        *,
-        argv: Sequence[str],
-        setup: str,
-        limits: EvaluatorLimits,
-        name: str,
-        env: dict[str, str] | None = None,
-        max_age: float | None = None,
-        read_memory: MemoryReader = resident_memory,
-    ) -> None:
-        self._processes = processes
-        self._clock = clock
-        self._argv = tuple(argv)
+    def __init__(self, repl: Repl, *, setup: str, name: str, max_age: float | None = None) -> None:
+        self._repl = repl
+        self._clock = repl.clock
+        self._argv = repl.argv
+        self._limits = repl.limits
         self._setup = setup
-        self._limits = limits
         self._name = name
-        self._env = env
         self._max_age = max_age
-        self._read_memory = read_memory
         self._lock = DeferredLock()
         self._process: InteractiveProcess | None = None
         self._started_at = 0.0
@@ -155,7 +154,7 @@ class Evaluator:
         process = self._process
         if process is None or process.pid is None:
             return None
-        return self._read_memory(process.pid)
+        return self._repl.read_memory(process.pid)
 
     @inlineCallbacks
     def evaluate(self, expression: str, on_line: Callable[[str], None]) -> Any:
@@ -216,7 +215,9 @@ class Evaluator:
         return request.done.addBoth(stop_timer)
 
     def _start(self) -> InteractiveProcess:
-        process = self._processes.start(self._argv, on_stderr_line=self._on_line, env=self._env)
+        process = self._repl.processes.start(
+            self._argv, on_stderr_line=self._on_line, env=self._repl.env
+        )
         self._process = process
         self._started_at = self._clock.seconds()
         self.starts += 1
@@ -307,26 +308,12 @@ class Evaluator:
 
 
 class EvaluatorPool:
-    """Evaluators by key (a package set and a system), at most ``limits.capacity``."""
+    """Evaluators by key (a package set and a system), at most ``repl.limits.capacity``."""
 
     log = Logger()
 
-    def __init__(
-        self,
-        processes: ProcessRunner,
-        clock: Any,
-        *,
-        argv: Sequence[str],
-        limits: EvaluatorLimits,
-        env: dict[str, str] | None = None,
-        read_memory: MemoryReader = resident_memory,
-    ) -> None:
-        self._processes = processes
-        self._clock = clock
-        self._argv = tuple(argv)
-        self._limits = limits
-        self._env = env
-        self._read_memory = read_memory
+    def __init__(self, repl: Repl) -> None:
+        self._repl = repl
         self._evaluators: OrderedDict[Hashable, Evaluator] = OrderedDict()
 
     def evaluator(
@@ -337,19 +324,9 @@ class EvaluatorPool:
         if evaluator is not None:
             self._evaluators.move_to_end(key)
             return evaluator
-        evaluator = Evaluator(
-            self._processes,
-            self._clock,
-            argv=self._argv,
-            setup=setup,
-            limits=self._limits,
-            name=name,
-            env=self._env,
-            max_age=max_age,
-            read_memory=self._read_memory,
-        )
+        evaluator = Evaluator(self._repl, setup=setup, name=name, max_age=max_age)
         self._evaluators[key] = evaluator
-        while len(self._evaluators) > self._limits.capacity:
+        while len(self._evaluators) > self._repl.limits.capacity:
             _, retired = self._evaluators.popitem(last=False)
             retired.retire()
         return evaluator

@@ -555,9 +555,9 @@ def nix_string(text: str) -> str:
     return '"' + escaped.replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t") + '"'
 
 
-def repl_argv(bin_dir: str | None) -> list[str]:
+def repl_argv(bin_dir: str | None) -> tuple[str, ...]:
     """The ``nix repl`` an :class:`~nixeryd.evaluator.EvaluatorPool` runs for :class:`Nix`."""
-    return [nix_command(bin_dir, "nix"), "--extra-experimental-features", "nix-command", "repl"]
+    return (nix_command(bin_dir, "nix"), "--extra-experimental-features", "nix-command", "repl")
 
 
 def nix_command(bin_dir: str | None, name: str) -> str:

@@ -51,7 +51,7 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from nixeryd.closure import store_path_name
-from nixeryd.evaluator import Evaluator, EvaluatorLimits
+from nixeryd.evaluator import Evaluator, EvaluatorLimits, Repl
 from nixeryd.nixbuild import nix_command, nix_string, repl_argv
 from nixeryd.process import ProcessResult, ProcessRunner, ProcessTimedOut
 
@@ -437,14 +437,12 @@ class PackageSetCounter:
         arguments = f"path = /. + {nix_string(str(package_set.resolve()))}; evaluator = true;"
         if system:
             arguments += f" system = {nix_string(system)};"
+        limits = EvaluatorLimits(
+            capacity=1, memory=EVALUATOR_MEMORY, idle=600, request_timeout=self._timeout
+        )
         return Evaluator(
-            self._processes,
-            self._reactor,
-            argv=repl_argv(self._bin_dir),
+            Repl(self._processes, self._reactor, repl_argv(self._bin_dir), limits),
             setup=f"popcount = import {nix_string(str(self._expression))} {{ {arguments} }}",
-            limits=EvaluatorLimits(
-                capacity=1, memory=EVALUATOR_MEMORY, idle=600, request_timeout=self._timeout
-            ),
             name="popcount",
         )
 

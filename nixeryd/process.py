@@ -125,21 +125,19 @@ class _StreamingProtocol(ProcessProtocol):
         self.done: Deferred[ProcessResult] = Deferred(canceller=lambda _: self.kill_group())
         self.timed_out = False
         self._stdout: list[bytes] = []
-        self._partial = b""
+        self._stderr = _Lines()
         self._tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         if childFD == 1:
             self._stdout.append(data)
         elif childFD == 2:
-            *lines, self._partial = (self._partial + data).split(b"\n")
-            for line in lines:
+            for line in self._stderr.feed(data):
                 self._emit(line)
 
-    def _emit(self, line: bytes) -> None:
-        text = _decoded(line)
-        self._tail.append(text)
-        self.on_stderr_line(text)
+    def _emit(self, line: str) -> None:
+        self._tail.append(line)
+        self.on_stderr_line(line)
 
     def time_out(self) -> None:
         self.timed_out = True
@@ -149,9 +147,8 @@ class _StreamingProtocol(ProcessProtocol):
         _kill_group(self.transport)
 
     def processEnded(self, reason: Failure) -> None:
-        if self._partial:
-            self._emit(self._partial)
-            self._partial = b""
+        for line in self._stderr.rest():
+            self._emit(line)
         if self.timed_out:
             self.done.errback(ProcessTimedOut(self.argv, self.timeout, tuple(self._tail)))
             return
@@ -170,7 +167,7 @@ class _InteractiveProtocol(ProcessProtocol):
     def __init__(self, on_stderr_line: Callable[[str], None]) -> None:
         self.on_stderr_line = on_stderr_line
         self._ended: Deferred[int] = Deferred()
-        self._partial = b""
+        self._stderr = _Lines()
 
     @property
     def pid(self) -> int | None:
@@ -190,16 +187,30 @@ class _InteractiveProtocol(ProcessProtocol):
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         if childFD == 2:
-            *lines, self._partial = (self._partial + data).split(b"\n")
-            for line in lines:
-                self.on_stderr_line(_decoded(line))
+            for line in self._stderr.feed(data):
+                self.on_stderr_line(line)
 
     def processEnded(self, reason: Failure) -> None:
-        if self._partial:
-            self.on_stderr_line(_decoded(self._partial))
-            self._partial = b""
+        for line in self._stderr.rest():
+            self.on_stderr_line(line)
         exit_code = _exit_status(reason)
         self._ended.callback(1 if exit_code is None else exit_code)
+
+
+class _Lines:
+    """A stream's bytes as the lines they complete, however the reads split them."""
+
+    def __init__(self) -> None:
+        self._partial = b""
+
+    def feed(self, data: bytes) -> list[str]:
+        *lines, self._partial = (self._partial + data).split(b"\n")
+        return [_decoded(line) for line in lines]
+
+    def rest(self) -> list[str]:
+        """The last line, if the stream ended without a newline."""
+        partial, self._partial = self._partial, b""
+        return [_decoded(partial)] if partial else []
 
 
 def _decoded(line: bytes) -> str:
@@ -243,15 +254,7 @@ class ReactorProcessRunner:
         env: Mapping[str, str] | None = None,
     ) -> Deferred[ProcessResult]:
         protocol = _StreamingProtocol(argv, timeout, on_stderr_line)
-        wrapped = [sys.executable, "-S", "-c", _SESSION_LEADER, *argv]
-        transport: Any = self._reactor.spawnProcess(
-            protocol,
-            sys.executable,
-            wrapped,
-            env=dict(os.environ if env is None else env),
-            childFDs={0: "w", 1: "r", 2: "r"},
-        )
-        transport.closeStdin()
+        self._spawn(protocol, argv, env).closeStdin()
         timer = self._reactor.callLater(timeout, protocol.time_out)
 
         def cancel_timer(result: Any) -> Any:
@@ -269,11 +272,17 @@ class ReactorProcessRunner:
         env: Mapping[str, str] | None = None,
     ) -> InteractiveProcess:
         protocol = _InteractiveProtocol(on_stderr_line)
-        self._reactor.spawnProcess(
+        self._spawn(protocol, argv, env)
+        return protocol
+
+    def _spawn(
+        self, protocol: ProcessProtocol, argv: Sequence[str], env: Mapping[str, str] | None
+    ) -> Any:
+        """Start ``argv`` as the leader of a new process group; its transport."""
+        return self._reactor.spawnProcess(
             protocol,
             sys.executable,
             [sys.executable, "-S", "-c", _SESSION_LEADER, *argv],
             env=dict(os.environ if env is None else env),
             childFDs={0: "w", 1: "r", 2: "r"},
         )
-        return protocol

@@ -26,7 +26,7 @@ from twisted.web.client import Agent
 
 from nixeryd.builder import ImageBuilder
 from nixeryd.config import Config
-from nixeryd.evaluator import EvaluatorLimits, EvaluatorPool
+from nixeryd.evaluator import EvaluatorLimits, EvaluatorPool, Repl
 from nixeryd.nixbuild import Nix, repl_argv
 from nixeryd.plugins import Plugins, make_plugin_manager
 from nixeryd.popularity import PopularityLoader, PopularitySource
@@ -81,17 +81,13 @@ def make_registry(
     layering = plugins.layering_strategy(config.layering_strategy).create(runtime)
     evaluators = None
     if config.evaluators > 0:
-        evaluators = EvaluatorPool(
-            processes,
-            reactor,
-            argv=repl_argv(config.nix_bin_dir),
-            limits=EvaluatorLimits(
-                capacity=config.evaluators,
-                memory=config.evaluator_memory * 1024 * 1024,
-                idle=config.evaluator_idle,
-                request_timeout=config.build_timeout,
-            ),
+        limits = EvaluatorLimits(
+            capacity=config.evaluators,
+            memory=config.evaluator_memory * 1024 * 1024,
+            idle=config.evaluator_idle,
+            request_timeout=config.build_timeout,
         )
+        evaluators = EvaluatorPool(Repl(processes, reactor, repl_argv(config.nix_bin_dir), limits))
         reactor.addSystemEventTrigger("before", "shutdown", evaluators.stop)
     nix = Nix(
         processes,

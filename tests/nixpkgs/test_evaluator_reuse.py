@@ -11,7 +11,7 @@ from twisted.internet import reactor
 from twisted.logger import Logger, formatEvent
 
 from nixeryd.errors import BuildFailed
-from nixeryd.evaluator import Evaluator, EvaluatorLimits, EvaluatorPool
+from nixeryd.evaluator import Evaluator, EvaluatorLimits, EvaluatorPool, Repl
 from nixeryd.imagename import ImageTarget, parse_image_name
 from nixeryd.nixbuild import Nix, ResolvedPackage, repl_argv
 from nixeryd.platform import AMD64
@@ -44,7 +44,7 @@ def test_one_evaluator_answers_images_as_nix_instantiate_does(
         "env": modern_nix.env(),
     }
     limits = EvaluatorLimits(capacity=1, memory=4 * 2**30, idle=600, request_timeout=300)
-    pool = EvaluatorPool(processes, reactor, argv=repl_argv(str(modern_nix.bin_dir)), limits=limits)
+    pool = EvaluatorPool(Repl(processes, reactor, repl_argv(str(modern_nix.bin_dir)), limits))
     reused = Nix(processes, evaluators=pool, **options)
     one_shot = Nix(processes, **options)
     source = SourceRef("path", {"path": str(nixpkgs)}, pin="snapshot")

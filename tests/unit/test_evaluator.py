@@ -8,12 +8,12 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from nixeryd.evaluator import Evaluator, EvaluatorLimits, EvaluatorPool, resident_memory
+from nixeryd.evaluator import Evaluator, EvaluatorLimits, EvaluatorPool, Repl, resident_memory
 from nixeryd.process import ProcessResult, ProcessTimedOut
 from tests.fakes import ExpectingProcessRunner, ReplReply, ReplScript
 
 LIMITS = EvaluatorLimits(capacity=2, memory=100 * 2**20, idle=600.0, request_timeout=30.0)
-ARGV = ["nix", "--extra-experimental-features", "nix-command", "repl"]
+ARGV = ("nix", "--extra-experimental-features", "nix-command", "repl")
 
 _case = SynchronousTestCase()
 result_of = _case.successResultOf
@@ -28,15 +28,18 @@ def evaluator_with(
 ) -> tuple[Evaluator, ReplScript, Clock]:
     script = ReplScript(*replies)
     clock = Clock()
-    evaluator = Evaluator(
+    repl = Repl(
         ExpectingProcessRunner(repl=script),
         clock,
-        argv=ARGV,
+        ARGV,
+        limits,
+        read_memory=lambda pid: (memory or {}).get(pid),
+    )
+    evaluator = Evaluator(
+        repl,
         setup='nixeryd = import ./nixeryd.nix { srcType = "path"; }',
-        limits=limits,
         name="test",
         max_age=max_age,
-        read_memory=lambda pid: (memory or {}).get(pid),
     )
     return evaluator, script, clock
 
@@ -158,7 +161,7 @@ def test_a_repl_older_than_its_max_age_is_replaced() -> None:
 
 def test_the_pool_keeps_one_evaluator_per_key_and_retires_the_least_recently_used() -> None:
     script = ReplScript(*(ReplReply(answer=str(n)) for n in range(4)))
-    pool = EvaluatorPool(ExpectingProcessRunner(repl=script), Clock(), argv=ARGV, limits=LIMITS)
+    pool = EvaluatorPool(Repl(ExpectingProcessRunner(repl=script), Clock(), ARGV, LIMITS))
     a = pool.evaluator("a", setup="a", name="a")
     assert pool.evaluator("a", setup="a", name="a") is a
     b = pool.evaluator("b", setup="b", name="b")
@@ -176,7 +179,7 @@ def test_the_pool_keeps_one_evaluator_per_key_and_retires_the_least_recently_use
 def test_a_retired_evaluator_answers_what_waits_then_stops() -> None:
     gate: Deferred[None] = Deferred()
     script = ReplScript(ReplReply(answer="1", gate=gate), ReplReply(answer="2"))
-    pool = EvaluatorPool(ExpectingProcessRunner(repl=script), Clock(), argv=ARGV, limits=LIMITS)
+    pool = EvaluatorPool(Repl(ExpectingProcessRunner(repl=script), Clock(), ARGV, LIMITS))
     evaluator = pool.evaluator("a", setup="a", name="a")
     first = evaluator.evaluate("one", lambda line: None)
     second = evaluator.evaluate("two", lambda line: None)

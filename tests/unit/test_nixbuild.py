@@ -11,7 +11,7 @@ from twisted.logger import Logger, LogLevel, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
 from nixeryd.errors import BuildFailed, BuildTimedOut
-from nixeryd.evaluator import EvaluatorLimits, EvaluatorPool
+from nixeryd.evaluator import EvaluatorLimits, EvaluatorPool, Repl
 from nixeryd.imagename import ImageTarget, parse_image_name
 from nixeryd.nixbuild import (
     BUILD_LOG_LINES,
@@ -177,7 +177,7 @@ def nix_with_evaluators(
     clock = Clock()
     processes = ExpectingProcessRunner(*expect, repl=script)
     limits = EvaluatorLimits(capacity=2, memory=2**40, idle=600.0, request_timeout=30.0)
-    pool = EvaluatorPool(processes, clock, argv=repl_argv(None), limits=limits)
+    pool = EvaluatorPool(Repl(processes, clock, repl_argv(None), limits))
     nix = Nix(
         processes,
         builder_timeout=60,

@@ -262,6 +262,10 @@ class ImageBuilder:
             data = image_index(form, entries, layer_format=self._compression.format)
             info = yield self._storage.put_blob(data, media_type)
             indexes[form] = StoredManifest(media_type, info.digest, data)
+        # The record is what keeps the index blobs from garbage collection.
+        record_key = hashlib.sha256("\n".join(key).encode()).hexdigest()
+        record = {form: index.digest for form, index in indexes.items()}
+        yield self._storage.put_record(f"indexes/{record_key}", json.dumps(record).encode())
         self._indexes[key] = indexes
         while len(self._indexes) > LOCAL_MANIFEST_CACHE_SIZE:
             self._indexes.popitem(last=False)
@@ -515,11 +519,11 @@ class ImageBuilder:
             return None
         manifests = {}
         for form, digest in json.loads(record).items():
-            data = yield self._storage.read_blob(digest)
+            blob = yield self._storage.read_blob(digest)
             forms = forms_for(self._compression.format)
-            if data is None or form not in forms:
+            if blob is None or form not in forms:
                 return None
-            manifests[form] = StoredManifest(forms[form][0], digest, data)
+            manifests[form] = StoredManifest(forms[form][0], digest, blob.data)
         built = BuiltImage(platform, manifests)
         self._keep_local(key, built)
         return built

@@ -80,8 +80,11 @@ class Config:
     permitted_insecure_packages: tuple[str, ...] = ()
     #: Nix files of overlays applied to the package set, absolute paths.
     nixpkgs_overlays: tuple[str, ...] = ()
-    #: ``[plugin.<name>]`` tables of the config file, for site plugins' own settings.
+    #: ``[plugin.<name>]`` tables of the config file: providers' own settings
+    #: (:mod:`nixeryd.settings`).
     plugin_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    #: The environment the configuration was read from, where providers' settings are read.
+    environment: Mapping[str, str] = field(default_factory=dict, repr=False)
 
     @property
     def compression(self) -> Compression:
@@ -154,7 +157,8 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _boolean(text: str) -> bool:
+def parse_boolean(text: str) -> bool:
+    """``true``/``false`` and their usual spellings (1/0, yes/no, on/off)."""
     value = text.strip().lower()
     if value in ("1", "true", "yes", "on"):
         return True
@@ -200,7 +204,7 @@ OPTIONS: tuple[Option, ...] = (
         "accept_any_tag",
         "answer any tag of a path or channel source with its one image, as Nixery did",
         ("NIXERYD_ACCEPT_ANY_TAG",),
-        _boolean,
+        parse_boolean,
     ),
     Option(
         "package_source",
@@ -293,19 +297,19 @@ OPTIONS: tuple[Option, ...] = (
         "allow_unfree",
         "nixpkgs config allowUnfree: build packages with unfree licences",
         ("NIXERYD_ALLOW_UNFREE",),
-        _boolean,
+        parse_boolean,
     ),
     Option(
         "allow_broken",
         "nixpkgs config allowBroken: build packages marked broken",
         ("NIXERYD_ALLOW_BROKEN",),
-        _boolean,
+        parse_boolean,
     ),
     Option(
         "allow_insecure",
         "allow every package nixpkgs marks insecure (as NIXPKGS_ALLOW_INSECURE=1)",
         ("NIXERYD_ALLOW_INSECURE",),
-        _boolean,
+        parse_boolean,
     ),
     Option(
         "permitted_insecure_packages",
@@ -332,7 +336,7 @@ OPTIONS: tuple[Option, ...] = (
         "access_log",
         "log a line per request: true or false (false triples the rate of cached answers)",
         ("NIXERYD_ACCESS_LOG",),
-        _boolean,
+        parse_boolean,
     ),
     Option(
         "layer_compressor",
@@ -400,7 +404,7 @@ def load_config(
         origins["listen"] = "--listen"
 
     _choose_package_source(values, origins)
-    config = Config(**values)
+    config = Config(**values, environment=dict(environ))
     _check_compression(config, origins)
     return config
 

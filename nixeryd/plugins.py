@@ -61,8 +61,17 @@ class Plugins:
 
 
 def _choose(kind: str, name: str, answers: Sequence[Sequence[Provider[T]]]) -> Provider[T]:
-    """The provider called ``name``; an unknown name is a start-up error listing the choices."""
-    providers = {provider.name: provider for answer in answers for provider in answer}
+    """The provider called ``name``. An unknown name is a start-up error listing the
+    choices; so is a name two plugins offer, whichever is chosen: which one wins
+    would depend on installation order."""
+    providers: dict[str, Provider[T]] = {}
+    for provider in (provider for answer in answers for provider in answer):
+        if provider.name in providers:
+            raise ConfigError(
+                f"two plugins offer a {kind} called {provider.name!r} "
+                f"({providers[provider.name].summary!r} and {provider.summary!r}); uninstall one"
+            )
+        providers.setdefault(provider.name, provider)
     if name not in providers:
         available = ", ".join(
             f"{provider.name} ({provider.summary})" for provider in providers.values()

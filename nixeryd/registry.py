@@ -11,6 +11,7 @@ import html
 import json
 import re
 import time
+from collections import OrderedDict
 from typing import Any, cast
 from urllib.parse import urlencode
 
@@ -23,6 +24,7 @@ from twisted.web.server import Request
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from nixeryd.answers import SERVER, Answers, render
+from nixeryd.blobserving import blob_headers
 from nixeryd.builder import ImageBuilder, StoredManifest
 from nixeryd.errors import (
     BlobUnknown,
@@ -35,7 +37,7 @@ from nixeryd.errors import (
 from nixeryd.imagename import ImageName, is_valid_tag, parse_image_name
 from nixeryd.manifest import MANIFEST_MEDIA_TYPES, OCI_INDEX, choose
 from nixeryd.sources import PackageSource
-from nixeryd.storage import Storage
+from nixeryd.storage import SMALL_BLOB_SIZE, BlobInfo, Redirect, Storage
 
 API_VERSION = b"registry/2.0"
 
@@ -70,6 +72,12 @@ class RegistryApp:
         self._storage = storage
         self._source = source
         self._answers = Answers([(b"Docker-Distribution-API-Version", API_VERSION)])
+        self._blob_infos: OrderedDict[str, BlobInfo] = OrderedDict()
+
+    @property
+    def storage(self) -> Storage:
+        """The storage backend, for the service tree to start and stop."""
+        return self._storage
 
     @property
     def answers(self) -> Answers:
@@ -150,13 +158,10 @@ class RegistryApp:
         unknown = ManifestUnknown(f"manifest {digest} is not known to this registry")
         if not check_digest(digest):
             raise unknown
-        info = yield self._storage.stat_blob(digest)
-        if info is None or info.media_type not in MANIFEST_MEDIA_TYPES:
+        blob = yield self._storage.read_blob(digest)
+        if blob is None or blob.info.media_type not in MANIFEST_MEDIA_TYPES:
             raise unknown
-        data = yield self._storage.read_blob(digest)
-        if data is None:
-            raise unknown
-        return StoredManifest(info.media_type, digest, data)
+        return StoredManifest(blob.info.media_type, digest, blob.data)
 
     @app.route("/v2/<path:name>/blobs/<digest>", methods=["GET", "HEAD"])
     @inlineCallbacks
@@ -165,22 +170,42 @@ class RegistryApp:
         unknown = BlobUnknown(f"blob {digest} is not known to this registry")
         if not check_digest(digest):
             raise unknown
-        info = yield self._storage.stat_blob(digest)
+        info = yield self._blob_info(digest)
         if info is None:
             raise unknown
+        if request.method == b"HEAD":
+            return render(request, blob_headers(info), b"")
         if info.size <= SMALL_BLOB_SIZE and not request.requestHeaders.hasHeader(b"range"):
-            data = yield self._storage.read_blob(digest)
-            if data is not None and len(data) == info.size:
-                headers = [
-                    (b"Content-Type", info.media_type.encode()),
-                    (b"Content-Length", str(info.size).encode()),
-                    (b"Docker-Content-Digest", digest.encode()),
-                    (b"ETag", f'"{digest}"'.encode()),
-                    (b"Accept-Ranges", b"bytes"),
-                ]
-                self._answers.remember(request, headers, data, by_accept=False)
-                return render(request, headers, data)
-        return self._storage.blob_resource(info)
+            blob = yield self._storage.read_blob(digest)
+            if blob is None:
+                self._blob_infos.pop(digest, None)
+                raise unknown
+            headers = blob_headers(blob.info)
+            self._answers.remember(request, headers, blob.data, by_accept=False)
+            return render(request, headers, blob.data)
+        answer = self._storage.serve_blob(info)
+        if isinstance(answer, Redirect):
+            request.setResponseCode(answer.status)
+            request.setHeader(b"Location", answer.url.encode())
+            request.setHeader(b"Docker-Content-Digest", digest.encode())
+            request.setHeader(b"Content-Length", b"0")
+            return b""
+        return answer
+
+    @inlineCallbacks
+    def _blob_info(self, digest: str) -> Any:
+        """A blob's info, from memory once seen: blobs are immutable, so it stays true
+        for as long as the blob is stored, and a redirect then needs no round trip."""
+        info = self._blob_infos.get(digest)
+        if info is not None:
+            self._blob_infos.move_to_end(digest)
+            return info
+        info = yield self._storage.stat_blob(digest)
+        if info is not None:
+            self._blob_infos[digest] = info
+            while len(self._blob_infos) > BLOB_INFOS_KEPT:
+                self._blob_infos.popitem(last=False)
+        return info
 
     @app.route("/v2/<path:name>/referrers/<digest>", methods=["GET", "HEAD"])
     def referrers(self, request: Request, name: str, digest: str) -> bytes:
@@ -271,8 +296,8 @@ def _arg(request: Request, name: bytes) -> str | None:
     return values[0].decode("utf-8", "replace") if values else None
 
 
-#: Blobs up to this size (configs, small layers) are answered from memory once read.
-SMALL_BLOB_SIZE = 64 * 1024
+#: How many blobs' infos are kept in memory (a few MB).
+BLOB_INFOS_KEPT = 50_000
 
 
 class _WithApiVersion(Resource):

@@ -16,11 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from treq.client import HTTPClient
-from twisted.application.service import MultiService
+from twisted.application.service import MultiService, Service
 from twisted.application.strports import service as endpoint_service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from twisted.web.client import Agent
 
@@ -34,6 +35,7 @@ from nixeryd.process import ProcessRunner, ReactorProcessRunner
 from nixeryd.registry import RegistryApp
 from nixeryd.runtime import Runtime
 from nixeryd.site import RegistrySite
+from nixeryd.storage import Storage
 
 log = Logger()
 
@@ -76,9 +78,9 @@ def make_registry(
         processes=processes,
         run_in_thread=run_in_thread,
     )
-    storage = plugins.storage_backend(config.storage_backend).create(runtime)
-    source = plugins.package_source(config.package_source).create(runtime)
-    layering = plugins.layering_strategy(config.layering_strategy).create(runtime)
+    storage = plugins.storage_backend(config.storage_backend).create_with(runtime)
+    source = plugins.package_source(config.package_source).create_with(runtime)
+    layering = plugins.layering_strategy(config.layering_strategy).create_with(runtime)
     evaluators = None
     if config.evaluators > 0:
         limits = EvaluatorLimits(
@@ -157,10 +159,43 @@ def _layer_pool_runner(reactor: Any, size: int) -> Callable[[Callable[[], Any]],
 
 
 def make_service(config: Config, reactor: Any, **overrides: Any) -> MultiService:
-    """The daemon's service tree: one listening service per configured endpoint."""
+    """The daemon's service tree: storage, then one listening service per configured endpoint."""
     registry = make_registry(config, reactor, **overrides)
     site = RegistrySite(registry.resource(), registry.answers, access_log=config.access_log)
-    root = MultiService()
+    root = StorageFirst(registry.storage, reactor)
     for endpoint in config.listen:
         endpoint_service(endpoint, site, reactor=reactor).setServiceParent(root)  # type: ignore[arg-type]
     return root
+
+
+class StorageFirst(MultiService):
+    """Starts the storage backend, then the listeners; stops them in the reverse order.
+
+    Nothing is served before storage is ready (a bucket checked, credentials
+    loaded): a backend that cannot start stops the daemon with its reason
+    rather than answering every pull with an error.
+    """
+
+    def __init__(self, storage: Storage, reactor: Any) -> None:
+        super().__init__()
+        self._storage = storage
+        self._reactor = reactor
+
+    def startService(self) -> None:
+        # Marks this service running without starting the children yet.
+        Service.startService(self)
+        self._storage.start().addCallbacks(self._storage_started, self._storage_failed)
+
+    def _storage_started(self, _: None) -> None:
+        if self.running:
+            for child in self:
+                child.startService()
+
+    def _storage_failed(self, failure: Failure) -> None:
+        log.critical("storage backend did not start: {reason}", reason=failure.getErrorMessage())
+        if self._reactor.running:
+            self._reactor.stop()
+
+    def stopService(self) -> Deferred[None]:
+        stopped = super().stopService() or succeed(None)
+        return stopped.addCallback(lambda _: self._storage.stop())

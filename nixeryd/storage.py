@@ -1,22 +1,82 @@
-"""The storage contract: where layer blobs, manifests and cache records live.
+"""The storage contract: where blobs and the records that name them live.
 
 Storage backends are plugins (see :mod:`nixeryd.hookspecs`). The builder and
 the HTTP layer use only the :class:`Storage` protocol below, so a backend can
-keep blobs on a local disk, in S3 or in GCS.
+keep blobs on a local disk, in S3 or in GCS. :mod:`nixeryd.testing.conformance`
+is this contract as tests: every backend, built-in or a site's, runs it.
 
-Blobs are content-addressed (``sha256:<hex>``) and immutable. Records are
-small named documents (``builds/<key>``, ``manifests/<key>``) that may be
-overwritten. A backend must never make a partially written blob visible under
-its digest.
+Blobs are content-addressed (``sha256:<hex>``) and immutable: once a digest
+is visible its bytes never change, so what is known of a blob (its
+:class:`BlobInfo`) may be cached for as long as the blob is kept. A backend
+must never make a partially written blob visible under its digest, and two
+writers of the same digest (two threads, two processes, two hosts on one
+bucket) must both succeed, leaving one blob.
+
+Records are small named documents that may be overwritten; a reader sees an
+old or a new version, never a part. Names are ``/``-separated segments of
+``[A-Za-z0-9._-]``. Every stored blob is reachable from a record, which is
+what garbage collection walks:
+
+``builds/<key>.<compression>``
+    a layer's descriptor (JSON: digest, size, diff_id), for layer blobs;
+``manifests/<key>``
+    ``{form: digest}`` of one platform's manifests; each manifest names its
+    config and layer blobs;
+``indexes/<key>``
+    ``{form: digest}`` of the image indexes over several platforms.
+
+Who serves which request. The registry answers a blob's HEAD itself, from
+:meth:`Storage.stat_blob` (RFC 9110 defines Range for GET only, and a
+presigned URL is signed for one method). It answers a GET of a blob of at
+most :data:`SMALL_BLOB_SIZE` bytes without a Range header from
+:meth:`Storage.read_blob` and remembers the answer in memory. Every other
+GET goes to :meth:`Storage.serve_blob`, which says either "redirect the
+client to this URL" (:class:`Redirect`) or "here is a resource that writes
+the bytes", honouring a single byte Range as :mod:`nixeryd.blobserving`
+does.
+
+Threads. Every method of :class:`Storage` and :class:`StagedBlob` is called
+on the reactor thread and must not block it: blocking work goes through
+``Runtime.run_in_thread``, network work through ``Runtime.http`` (treq).
+Deferreds fire on the reactor thread. The one exception is
+``StagedBlob.file``, which a worker thread writes.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
-from typing import IO, Protocol
+from typing import IO, Protocol, TypeAlias
 
 from twisted.internet.defer import Deferred
 from twisted.web.resource import IResource
+
+from nixeryd.errors import DigestInvalid
+
+#: Blobs up to this size are read whole and answered from memory by the registry;
+#: :meth:`Storage.serve_blob` sees only larger ones (or any GET with a Range).
+SMALL_BLOB_SIZE = 64 * 1024
+
+_DIGEST = re.compile(r"sha256:([0-9a-f]{64})")
+_RECORD_SEGMENT = re.compile(r"[A-Za-z0-9._-]+")
+
+
+def digest_hex(digest: str) -> str:
+    """The hex part of a ``sha256:<64 lowercase hex>`` digest; DigestInvalid otherwise."""
+    match = _DIGEST.fullmatch(digest)
+    if match is None:
+        raise DigestInvalid(f"invalid digest {digest!r}: expected sha256:<64 lowercase hex>")
+    return match.group(1)
+
+
+def record_parts(name: str) -> list[str]:
+    """The segments of a record name; ValueError unless every segment is safe as a
+    file name or key part (no ``.``, ``..``, empty segment or other character)."""
+    parts = name.split("/")
+    for part in parts:
+        if _RECORD_SEGMENT.fullmatch(part) is None or part in (".", ".."):
+            raise ValueError(f"invalid record name {name!r}")
+    return parts
 
 
 @dataclass(frozen=True)
@@ -28,11 +88,39 @@ class BlobInfo:
     media_type: str
 
 
+@dataclass(frozen=True)
+class Blob:
+    """A small blob read whole, with its info: one round trip rather than stat then read."""
+
+    info: BlobInfo
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Redirect:
+    """Send the client to ``url`` for the bytes: a presigned object-store URL.
+
+    ``status`` is 307 (the distribution registry's answer) or 303 (Nixery's).
+    The registry adds ``Location`` and ``Docker-Content-Digest``.
+    """
+
+    url: str
+    status: int = 307
+
+
+#: What :meth:`Storage.serve_blob` answers: a redirect, or a resource writing the bytes.
+BlobAnswer: TypeAlias = Redirect | IResource
+
+
 class StagedBlob(Protocol):
     """A blob being written: a file object for a worker thread, then committed under its digest.
 
-    ``file`` is written from a worker thread. ``commit`` is called on the
-    reactor thread once the digest is known; ``discard`` when writing failed.
+    ``file`` is written from a worker thread; it may be a real file or an
+    object that uploads as it is written, but it must not hold the whole blob
+    in memory. ``commit`` is called on the reactor thread once the digest is
+    known (the writer computed it while writing; a backend may verify it);
+    ``discard`` when writing failed. ``discard`` after a commit or a discard
+    does nothing, so a caller may always discard in its error path.
     """
 
     file: IO[bytes]
@@ -43,26 +131,50 @@ class StagedBlob(Protocol):
 
 
 class Storage(Protocol):
-    """A storage backend."""
+    """A storage backend. Digests and record names come from requests: a backend
+    validates them (:func:`digest_hex`, :func:`record_parts`) and refuses anything
+    that could name a file or key outside its own."""
+
+    def start(self) -> Deferred[None]:
+        """Get ready to serve (check the bucket, load credentials); a failure stops start-up."""
+        ...
+
+    def stop(self) -> Deferred[None]:
+        """Finish or abandon work in flight and let go of connections, at shutdown."""
+        ...
 
     def stage_blob(self) -> StagedBlob:
         """Open a new staged blob to be written by a worker thread."""
         ...
 
     def put_blob(self, data: bytes, media_type: str) -> Deferred[BlobInfo]:
-        """Store a small blob (a manifest or config) held in memory."""
+        """Store a small blob (a manifest, index or config) held in memory."""
         ...
 
     def stat_blob(self, digest: str) -> Deferred[BlobInfo | None]:
         """Describe a blob, or None if storage does not have it."""
         ...
 
-    def read_blob(self, digest: str) -> Deferred[bytes | None]:
-        """Read a small blob (a manifest) whole, or None if absent."""
+    def read_blob(self, digest: str) -> Deferred[Blob | None]:
+        """Read a small blob (a manifest, a config) whole with its info, or None if absent."""
         ...
 
-    def blob_resource(self, info: BlobInfo) -> IResource:
-        """A resource that answers GET/HEAD for the blob (bytes, Range, or a redirect)."""
+    def serve_blob(self, info: BlobInfo) -> BlobAnswer:
+        """How to answer a GET of a stored blob: a :class:`Redirect` or a resource.
+
+        Called without a round trip to storage having confirmed the blob
+        still exists (``info`` may come from a cache), so a resource answers
+        ``BLOB_UNKNOWN`` if it is gone. Raises DigestInvalid for a malformed
+        digest.
+        """
+        ...
+
+    def list_blobs(self) -> Deferred[list[BlobInfo]]:
+        """Every stored blob, in no particular order (for garbage collection)."""
+        ...
+
+    def delete_blob(self, digest: str) -> Deferred[None]:
+        """Remove a blob; removing one that is absent is not an error."""
         ...
 
     def get_record(self, name: str) -> Deferred[bytes | None]:
@@ -71,4 +183,12 @@ class Storage(Protocol):
 
     def put_record(self, name: str, data: bytes) -> Deferred[None]:
         """Write a record atomically (readers see the old or the new version, never a part)."""
+        ...
+
+    def list_records(self, prefix: str) -> Deferred[list[str]]:
+        """The names of the records under ``prefix`` (``"builds/"``; ``""`` for all)."""
+        ...
+
+    def delete_record(self, name: str) -> Deferred[None]:
+        """Remove a record; removing one that is absent is not an error."""
         ...

@@ -51,3 +51,19 @@ def test_entry_point_plugins_load() -> None:
     """The example plugin in plugins/ is installed by scripts/setup through its entry point."""
     plugins = Plugins(make_plugin_manager())
     assert plugins.layering_strategy("single-layer").name == "single-layer"
+
+
+def test_two_plugins_offering_one_name_is_a_start_up_error() -> None:
+    class First:
+        @hookimpl
+        def nixeryd_storage_backends(self) -> list[Provider[Any]]:
+            return [Provider("shared", "first store", lambda runtime: None)]
+
+    class Second:
+        @hookimpl
+        def nixeryd_storage_backends(self) -> list[Provider[Any]]:
+            return [Provider("shared", "second store", lambda runtime: None)]
+
+    plugins = Plugins(make_plugin_manager(plugins=[First(), Second()], load_entrypoints=False))
+    with pytest.raises(ConfigError, match="two plugins offer a storage backend called 'shared'"):
+        plugins.storage_backend("other")

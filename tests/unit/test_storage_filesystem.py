@@ -36,14 +36,8 @@ from twisted.web.resource import Resource
 from zope.interface import provider
 
 from nixeryd.answers import Answers
-from nixeryd.builtin.filesystem import (
-    _CHUNK_SIZE,
-    _SEND_PIECE,
-    NAME,
-    FilesystemStorage,
-    _FileRangeProducer,
-    _SocketBody,
-)
+from nixeryd.blobserving import _CHUNK_SIZE, _SEND_PIECE, _FileRangeProducer, _SocketBody
+from nixeryd.builtin.filesystem import NAME, FilesystemStorage
 from nixeryd.errors import DigestInvalid
 from nixeryd.site import RegistrySite
 from nixeryd.storage import BlobInfo, Storage
@@ -112,7 +106,7 @@ def test_put_blob_round_trip_keeps_media_type_in_sidecar(
     info = result(storage.put_blob(data, CONFIG))
     assert info == BlobInfo(digest=digest_of(data), size=len(data), media_type=CONFIG)
     assert result(storage.stat_blob(info.digest)) == info
-    assert result(storage.read_blob(info.digest)) == data
+    assert result(storage.read_blob(info.digest)).data == data
     hex_digest = info.digest.removeprefix("sha256:")
     sidecar = json.loads((tmp_path / "blobs/sha256" / f"{hex_digest}.json").read_text())
     assert sidecar == {"mediaType": CONFIG, "size": len(data)}
@@ -140,10 +134,10 @@ def test_staged_blob_is_invisible_until_commit(storage: FilesystemStorage, tmp_p
     info = result(staged.commit(digest_of(data), LAYER))
     assert info == BlobInfo(digest_of(data), len(data), LAYER)
     assert result(storage.stat_blob(info.digest)) == info
-    assert result(storage.read_blob(info.digest)) == data
+    assert result(storage.read_blob(info.digest)).data == data
     assert files_under(tmp_path / "tmp") == []
     staged.discard()  # harmless after a commit
-    assert result(storage.read_blob(info.digest)) == data
+    assert result(storage.read_blob(info.digest)).data == data
 
 
 def test_discard_after_failing_writer_leaves_nothing(
@@ -222,7 +216,7 @@ def test_invalid_digest_is_digest_invalid(storage: FilesystemStorage, digest: st
     failure(storage.stat_blob(digest), DigestInvalid)
     failure(storage.read_blob(digest), DigestInvalid)
     with pytest.raises(DigestInvalid):
-        storage.blob_resource(BlobInfo(digest, 0, LAYER))
+        storage.serve_blob(BlobInfo(digest, 0, LAYER))
 
 
 def test_stale_tmp_files_are_removed_at_startup(tmp_path: Path) -> None:
@@ -327,7 +321,7 @@ class BlobClient:
     def fetch(
         self, info: BlobInfo, method: str = "GET", headers: dict[str, str] | None = None
     ) -> Reply:
-        http = MemoryHTTP(self._storage.blob_resource(info), self._monkeypatch)
+        http = MemoryHTTP(self._storage.serve_blob(info), self._monkeypatch)
         response, body = http.request(method, "http://registry.test/blob", headers=headers or {})
         if method == "HEAD":
             # Twisted's client keeps a HEAD response's Content-Length as a header.
@@ -604,7 +598,7 @@ class BlobServer:
         self.port: int = self._port.getHost().port
 
     def add(self, name: str, info: BlobInfo) -> str:
-        self._root.putChild(name.encode(), self._storage.blob_resource(info))
+        self._root.putChild(name.encode(), self._storage.serve_blob(info))
         return f"/{name}"
 
     def stop(self) -> Deferred[None]:

@@ -33,6 +33,7 @@ import hashlib
 import json
 import os
 import tempfile
+import warnings
 from collections import OrderedDict
 from functools import partial
 from typing import IO, Any
@@ -41,6 +42,7 @@ from urllib.parse import quote, urlsplit
 import google.auth
 import google.auth.exceptions
 from google.auth.credentials import AnonymousCredentials, Credentials
+from google.oauth2 import service_account
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ConnectError, ConnectionLost
@@ -852,16 +854,36 @@ def load_credentials(settings: Any) -> Credentials:
         return AnonymousCredentials()
     try:
         if settings["credentials"]:
-            credentials, _project = google.auth.load_credentials_from_file(
-                settings["credentials"], scopes=gcsauth.SCOPES
-            )
+            credentials = _credentials_file(settings["credentials"])
         else:
             credentials, _project = google.auth.default(scopes=gcsauth.SCOPES)
-    except google.auth.exceptions.DefaultCredentialsError as error:
+    except (google.auth.exceptions.DefaultCredentialsError, ValueError) as error:
         raise ConfigError(
             f"gcs: no usable credentials ({error}); set GOOGLE_APPLICATION_CREDENTIALS "
             "to a service account key, or run where Application Default Credentials exist"
         ) from error
+    return credentials  # type: ignore[no-any-return]
+
+
+def _credentials_file(path: str) -> Credentials:
+    """The credentials in a JSON file: a service account key (what Nixery reads), or
+    any other type google-auth knows (a user's, workload identity federation)."""
+    try:
+        with open(path) as file:
+            kind = json.load(file).get("type")
+    except (OSError, ValueError, AttributeError) as error:
+        raise ConfigError(
+            f"gcs: cannot read credentials file {path} (GOOGLE_APPLICATION_CREDENTIALS): {error}"
+        ) from error
+    if kind == "service_account":
+        return service_account.Credentials.from_service_account_file(  # type: ignore[no-any-return]
+            path, scopes=gcsauth.SCOPES
+        )
+    # google-auth warns that the generic loader accepts any credential type from
+    # any source; this file is the operator's own configuration.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        credentials, _project = google.auth.load_credentials_from_file(path, scopes=gcsauth.SCOPES)
     return credentials  # type: ignore[no-any-return]
 
 

@@ -67,3 +67,19 @@ class TestGcsStorageProxied(StorageConformance):
         backend = await _started(fake_gcs, service_account, proxy=True)
         yield backend
         await backend.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_fake_gcs_server_ignores_create_only_preconditions(fake_gcs: FakeGCS) -> None:
+    """fake-gcs-server does not answer 412 to a second ``ifGenerationMatch=0`` upload: it
+    replaces the object. The concurrent-writers test above therefore cannot see the 412
+    path here; ``test_storage_gcs.py`` checks it against a fake that answers 412. Should
+    this start failing, fake-gcs-server enforces preconditions and the docs can say so."""
+    url = f"{fake_gcs.endpoint}/upload/storage/v1/b/{fake_gcs.bucket}/o"
+    params = {"uploadType": "media", "name": "precondition-probe", "ifGenerationMatch": "0"}
+    codes = []
+    for body in (b"first", b"second"):
+        response = await treq.post(url, params=params, data=body)
+        await treq.content(response)
+        codes.append(response.code)
+    assert codes == [200, 200]

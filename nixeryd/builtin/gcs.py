@@ -45,7 +45,7 @@ from google.auth.credentials import AnonymousCredentials, Credentials
 from google.oauth2 import service_account
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.error import ConnectError, ConnectionLost
+from twisted.internet.error import ConnectError, ConnectionLost, DNSLookupError
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
@@ -93,11 +93,12 @@ class GcsError(Exception):
 
 
 class _Retryable(GcsError):
-    """A failure worth another attempt: GCS was busy or the connection failed."""
+    """GCS was busy (408, 429, 5xx): worth another attempt, as a failed connection is."""
 
 
 _CONNECTION_ERRORS = (
     ConnectError,
+    DNSLookupError,
     ConnectionLost,
     defer.TimeoutError,
     ResponseFailed,
@@ -152,10 +153,11 @@ class GcsStorage:
 
     async def _start(self) -> None:
         where = f"GCS bucket {self.bucket!r} at {self._endpoint}"
+        # Listing rather than reading the bucket's metadata: storage.buckets.get is not
+        # in roles/storage.objectAdmin, and listing is what garbage collection needs.
+        params = {"prefix": self._prefix, "maxResults": "1", "fields": "items(name)"}
         try:
-            response = await self._call(
-                "GET", self._bucket_url, params={"fields": "name"}, retry=False
-            )
+            response = await self._call("GET", f"{self._bucket_url}/o", params=params, retry=False)
         except _CONNECTION_ERRORS as error:
             raise GcsError(f"cannot reach {where}: {error}") from error
         content = await response.content()
@@ -445,24 +447,30 @@ class GcsStorage:
             await self._upload(key, data, media_type, create_only=True)
             return
         session = await self._open_session(key, media_type, size)
-        offset: int | None = 0
+        if session is None:
+            return  # already stored
+        offset: int | None = 0  # None: unknown since a chunk failed; ask GCS
         failures = 0
-        while session is not None and offset is not None:
-            start = offset
-            length = min(self.chunk_size, size - start)
-            chunk = await self._run(partial(os.pread, descriptor, length, start))
+        while True:
             try:
-                offset = await self._put_chunk(
-                    session, chunk, f"bytes {start}-{start + length - 1}/{size}"
-                )
+                if offset is None:
+                    # How much did GCS keep? A status query is a PUT of no bytes.
+                    offset = await self._put_chunk(session, b"", f"bytes */{size}")
+                    if offset is None:
+                        return  # it had it all
+                length = min(self.chunk_size, size - offset)
+                chunk = await self._run(partial(os.pread, descriptor, length, offset))
+                content_range = f"bytes {offset}-{offset + length - 1}/{size}"
+                offset = await self._put_chunk(session, chunk, content_range)
+                if offset is None:
+                    return
                 failures = 0
             except (_Retryable, *_CONNECTION_ERRORS) as error:
                 failures += 1
                 if failures == _ATTEMPTS:
                     raise
                 await self._back_off(failures, error)
-                # How much did GCS keep? A status query is a PUT with no bytes.
-                offset = await self._put_chunk(session, b"", f"bytes */{size}")
+                offset = None
 
     async def _open_session(self, key: str, media_type: str, size: int) -> str | None:
         """A resumable upload session's URL; None if the object already exists."""

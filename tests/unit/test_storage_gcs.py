@@ -271,7 +271,7 @@ def test_start_says_what_is_wrong_with_the_bucket(
     harness = make(lambda seen: (status, {}, b'{"error": {"message": "why"}}'))
     with pytest.raises(GcsError, match=says):
         harness.settle(harness.storage.start())
-    assert harness.fake.seen[0].path == "/storage/v1/b/bucket"
+    assert harness.fake.seen[0].path == "/storage/v1/b/bucket/o"
 
 
 # Tokens

@@ -244,9 +244,15 @@ class GcsStorage:
             return Redirect(cached[0], self._redirect_status)
         signing = self._signing.run(info.digest, lambda: self._sign(info.digest, key))
         outcome: list[str | Failure] = []
-        signing.addBoth(outcome.append)
+
+        def note(result: Any) -> Any:
+            outcome.append(result)
+            return result
+
+        signing.addBoth(note)
         if not outcome:  # signed remotely (IAM signBlob): answer once it is done
             return IResource(_PendingRedirect(info.digest, signing, self._redirect_status))
+        signing.addErrback(lambda _: None)  # a failure is raised here instead
         if isinstance(outcome[0], Failure):
             outcome[0].raiseException()
         return Redirect(str(outcome[0]), self._redirect_status)  # signed with a key: at once
@@ -555,36 +561,51 @@ class GcsStagedBlob:
 
 
 class _PendingRedirect(Resource):
-    """The redirect of a blob whose URL is being signed remotely (IAM signBlob)."""
+    """The redirect of a blob whose URL is being signed remotely (IAM signBlob).
+
+    Renders (a client may retry on a new connection) wait for the one signature.
+    """
 
     isLeaf = True
 
     def __init__(self, digest: str, signing: Deferred[str], status: int) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self._digest = digest
-        self._signing = signing
         self._status = status
+        self._outcome: list[str | Failure] = []
+        self._waiting: list[Request] = []
+        signing.addBoth(self._signed)
+
+    def _signed(self, outcome: str | Failure) -> None:
+        if isinstance(outcome, Failure):
+            _log.failure("signing a GCS URL", outcome)
+        self._outcome.append(outcome)
+        waiting, self._waiting = self._waiting, []
+        for request in waiting:
+            self._answer(request, outcome)
 
     def render(self, request: Request) -> int:
-        def redirect(url: str) -> None:
-            request.setResponseCode(self._status)
-            request.setHeader(b"location", url.encode())
-            request.setHeader(b"docker-content-digest", self._digest.encode())
-            request.setHeader(b"content-length", b"0")
-            request.finish()
-
-        def failed(failure: Failure) -> None:
-            _log.failure("signing a GCS URL", failure)
-            _unavailable(request, "cannot sign a URL for the blob")
-
-        gone: list[bool] = []
-        request.notifyFinish().addErrback(lambda _: gone.append(True))
+        if self._outcome:
+            self._answer(request, self._outcome[0])
+            return NOT_DONE_YET
+        self._waiting.append(request)
         # The signature is shared with other requests: a client that leaves does not cancel it.
-        self._signing.addCallbacks(
-            lambda url: None if gone else redirect(url),
-            lambda failure: None if gone else failed(failure),
-        )
+        request.notifyFinish().addErrback(lambda _: self._forget(request))
         return NOT_DONE_YET
+
+    def _forget(self, request: Request) -> None:
+        if request in self._waiting:
+            self._waiting.remove(request)
+
+    def _answer(self, request: Request, outcome: str | Failure) -> None:
+        if isinstance(outcome, Failure):
+            _unavailable(request, "cannot sign a URL for the blob")
+            return
+        request.setResponseCode(self._status)
+        request.setHeader(b"location", outcome.encode())
+        request.setHeader(b"docker-content-digest", self._digest.encode())
+        request.setHeader(b"content-length", b"0")
+        request.finish()
 
 
 class _ProxiedBlobResource(Resource):

@@ -423,7 +423,18 @@ def test_a_remote_signature_is_shared_and_answered_by_a_resource(
     answers = [harness.storage.serve_blob(BIG) for _ in range(3)]
     assert all(IResource.providedBy(answer) for answer in answers)
     assert len(signer.calls) == 1
+    client = StubTreq(answers[0])
+    url = "http://registry/v2/x/blobs/" + BIG.digest
+    responding = fired(client.get(url, allow_redirects=False))
+    client.flush()
+    assert responding == []  # waits for the signature
     signer.calls[0].callback(b"\xff")
+    client.flush()
+    [response] = responding
+    assert not isinstance(response, Failure), response.getTraceback()
+    assert response.code == 307
+    location = response.headers.getRawHeaders(b"location")[0]  # type: ignore[union-attr]
+    assert location.endswith(b"X-Goog-Signature=ff")
     cached = harness.storage.serve_blob(BIG)
     assert isinstance(cached, Redirect) and cached.status == 307
     assert cached.url.endswith("X-Goog-Signature=ff")

@@ -195,11 +195,17 @@ class RegistryApp:
             return render(request, headers, blob.data)
         answer = self._storage.serve_blob(info)
         if isinstance(answer, Redirect):
+            redirect = [
+                (b"Location", answer.url.encode()),
+                (b"Docker-Content-Digest", digest.encode()),
+                (b"Content-Length", b"0"),
+            ]
+            if answer.until is not None:
+                self._answers.remember(
+                    request, redirect, b"", by_accept=False, code=answer.status, until=answer.until
+                )
             request.setResponseCode(answer.status)
-            request.setHeader(b"Location", answer.url.encode())
-            request.setHeader(b"Docker-Content-Digest", digest.encode())
-            request.setHeader(b"Content-Length", b"0")
-            return b""
+            return render(request, redirect, b"")
         return answer
 
     @inlineCallbacks

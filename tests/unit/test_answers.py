@@ -7,7 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
-from tests.registryharness import FakeNix, RegistryFactory, building, header
+from nixeryd.testing.harness import FakeNix, RegistryFactory, building, header
 
 
 def test_digest_manifests_and_small_blobs_are_answered_from_memory_once_served(

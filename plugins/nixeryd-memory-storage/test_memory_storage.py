@@ -65,8 +65,10 @@ def test_max_size_comes_from_the_plugin_table_and_fails_builds_past_it(
 ) -> None:
     nix = FakeNix(tmp_path)
     harness = registry(tmp_path, monkeypatch, nix, max_size="1K")
-    response, _ = harness.get("/v2/hello/manifests/latest")
-    assert response.code >= 500  # a layer does not fit: the server's problem, not the client's
+    response, body = harness.get("/v2/hello/manifests/latest")
+    # A layer does not fit: the server's problem, not the client's; the log says which.
+    assert response.code == 500
+    assert json.loads(body)["errors"][0]["code"] == "UNKNOWN"
 
 
 def test_max_size_comes_from_the_environment(

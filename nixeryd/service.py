@@ -85,6 +85,10 @@ def make_registry(
     storage = plugins.storage_backend(config.storage_backend).create_with(runtime)
     source = plugins.package_source(config.package_source).create_with(runtime)
     layering = plugins.layering_strategy(config.layering_strategy).create_with(runtime)
+    selected = {config.storage_backend, config.package_source, config.layering_strategy}
+    for name in sorted(set(config.plugin_options) - selected):
+        # A misspelt name, or a provider the site switched away from: not an error.
+        log.warn("[plugin.{name}]: no selected provider is called {name}; ignored", name=name)
     evaluators = None
     if config.evaluators > 0:
         limits = EvaluatorLimits(

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from nixeryd.answers import Answers
-from tests.registryharness import FakeNix, RegistryFactory, building, header
+from nixeryd.testing.harness import FakeNix, RegistryFactory, building, header
 
 
 def test_digest_manifests_and_small_blobs_are_answered_from_memory_once_served(

@@ -1,10 +1,12 @@
-"""The image builder: from an image name and tag to stored layers and manifests.
+"""The image builder: from one platform's image name and tag to stored layers and manifests.
 
 The stages, each in its own module, in the order data flows through them:
 package source (:mod:`nixeryd.sources`) -> Nix evaluation, build and closure
 query (:mod:`nixeryd.nixbuild`) -> layering (:mod:`nixeryd.layering`) ->
-layer blobs (:mod:`nixeryd.tarball`, :mod:`nixeryd.forest`) -> config and
-manifests (:mod:`nixeryd.manifest`) -> storage (:mod:`nixeryd.storage`).
+layer blobs (:mod:`nixeryd.layerstore`) -> config and manifests
+(:mod:`nixeryd.manifeststore`) -> storage (:mod:`nixeryd.storage`).
+:mod:`nixeryd.fanout` turns a name without a platform into one build per
+configured platform.
 
 Caches, cheapest first:
 
@@ -24,11 +26,6 @@ A whole image is bounded by ``build_timeout`` (``NIXERYD_BUILD_TIMEOUT``): when
 it passes, the build's Deferred is cancelled, which kills the Nix command it
 is waiting for (see :mod:`nixeryd.process`).
 
-An image name without a platform prefix stands for one image per configured
-platform, built concurrently and listed by an index; a platform that cannot be
-built (no builder for its Nix system, a package missing there) is left out of
-the index, and tried again after :data:`PLATFORM_RETRY_SECONDS`.
-
 Concurrent requests for one image share one build; concurrent builds that
 share a layer write it once.
 """
@@ -36,101 +33,36 @@ share a layer write it once.
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Executor
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import IO, Any, cast
+from typing import Any
 
 from twisted.internet import defer
-from twisted.internet.defer import Deferred, FirstError, gatherResults, inlineCallbacks
+from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from nixeryd.closure import ClosureGraph
-from nixeryd.compression import Compression
-from nixeryd.errors import BuildFailed, BuildTimedOut, RegistryError
-from nixeryd.forest import symlink_forest
-from nixeryd.imagename import ImageName, ImageTarget
+from nixeryd.errors import BuildFailed, BuildTimedOut, RegistryError, first_failure
+from nixeryd.imagename import ImageTarget
+from nixeryd.images import BuiltImage
 from nixeryd.layering import Layer, LayeringStrategy
-from nixeryd.manifest import (
-    OCI_CONFIG,
-    Choice,
-    IndexEntry,
-    LayerDescriptor,
-    forms_for,
-    image_config,
-    image_index,
-    image_manifest,
-    index_forms_for,
-    layer_media_type,
-)
+from nixeryd.layerstore import LayerStore
+from nixeryd.manifest import LayerDescriptor
+from nixeryd.manifeststore import LOCAL_MANIFEST_CACHE_SIZE, ManifestStore
 from nixeryd.nixbuild import Nix, ResolvedPackage
-from nixeryd.platform import Platform
 from nixeryd.popularity import Popularity, PopularitySource
+from nixeryd.runtime import ThreadRunner
 from nixeryd.singleflight import SingleFlight
 from nixeryd.sources import PackageSource, SourceRef
-from nixeryd.storage import Storage
-from nixeryd.tarball import (
-    DEFAULT_COMPRESSION,
-    LayerDigests,
-    write_store_layer,
-    write_tree_layer,
-)
 
 #: Part of every cache key: bump it when the same inputs would give different bytes.
 FORMAT_VERSION = "nixeryd-1"
 
-#: Manifests of pinned images kept in memory, in front of storage.
-LOCAL_MANIFEST_CACHE_SIZE = 1024
-
 #: Build failures the index page lists, newest first.
 RECENT_ERRORS = 20
-
-#: How long a platform that failed to build is left out of its image's index
-#: before it is tried again: a missing builder does not appear within seconds,
-#: and every pull would otherwise pay for the failing evaluation.
-PLATFORM_RETRY_SECONDS = 300.0
-
-
-@dataclass(frozen=True)
-class StoredManifest:
-    """A manifest as served: its bytes, digest and media type."""
-
-    media_type: str
-    digest: str
-    data: bytes
-
-
-@dataclass(frozen=True)
-class BuiltImage:
-    """One platform's image: its manifests, one per form (``docker``, ``oci``)."""
-
-    platform: Platform
-    manifests: Mapping[str, StoredManifest]
-    #: The tag itself names the source's content (a commit): every later request for it
-    #: gets the same answer. A branch, a git tag or ``latest`` can move, so is not pinned.
-    pinned: bool = False
-
-
-@dataclass(frozen=True)
-class TaggedImage:
-    """What an image name and tag stand for: one image per platform that could be built,
-    the default platform's first, and their indexes (one per form) when the name
-    left the platform to the configuration and several are configured."""
-
-    images: Sequence[BuiltImage]
-    indexes: Mapping[str, StoredManifest]
-    #: Every platform built, each from a pinned source: the answers may be cached.
-    pinned: bool = False
-
-    def answer(self, choice: Choice) -> StoredManifest:
-        """The manifest or index a client gets, per :func:`nixeryd.manifest.choose`."""
-        if choice.index and self.indexes:
-            return self.indexes[choice.form]
-        return self.images[0].manifests[choice.form]
 
 
 @dataclass(frozen=True)
@@ -156,120 +88,39 @@ class ImageBuilder:
         *,
         nix: Nix,
         source: PackageSource,
-        storage: Storage,
         layering: LayeringStrategy,
         layering_name: str,
         layer_budget: int,
-        platforms: Sequence[Platform],
         popularity: PopularitySource,
-        run_in_thread: Callable[[Callable[[], Any]], Deferred[Any]],
+        layers: LayerStore,
+        manifests: ManifestStore,
+        run_in_thread: ThreadRunner,
         clock: Any,
         on_built: Callable[[str, str, str, float], None] = lambda *_: None,
-        compression: Compression = DEFAULT_COMPRESSION,
-        write_in_thread: Callable[[Callable[[], Any]], Deferred[Any]] | None = None,
-        compress_pool: Executor | None = None,
         failure_ttl: float = 60.0,
         build_timeout: float = 3600.0,
     ) -> None:
-        """``write_in_thread`` runs layer writes (``run_in_thread`` if None): a pool as
-        large as the cores, apart from the pool for short blocking calls;
-        ``compress_pool`` compresses blocks of each layer in parallel, so that one
-        large layer uses every core too; ``failure_ttl`` is how long a moving source's
-        failed image is answered from memory (0: never); ``build_timeout`` bounds
-        one image's evaluation, build and layers."""
+        """``failure_ttl`` is how long a moving source's failed image is answered from
+        memory (0: never); ``build_timeout`` bounds one image's evaluation, build and
+        layers."""
         self._nix = nix
         self._source = source
-        self._storage = storage
         self._layering = layering
         self._layering_name = layering_name
         self._budget = layer_budget
-        self._platforms = tuple(platforms)
         self._popularity = popularity
+        self._layers = layers
+        self._manifests = manifests
         self._run_in_thread = run_in_thread
         self._clock = clock
         self._on_built = on_built
-        self._compression = compression
-        self._write_in_thread = write_in_thread or run_in_thread
-        self._compress_pool = compress_pool
         self._images: SingleFlight[BuiltImage] = SingleFlight()
-        self._layers: SingleFlight[LayerDescriptor] = SingleFlight()
-        self._local: OrderedDict[str, BuiltImage] = OrderedDict()
-        self._indexes: OrderedDict[tuple[str, ...], Mapping[str, StoredManifest]] = OrderedDict()
-        #: (platform image, tag) -> until when it is left out of its index; oldest first.
-        self._unbuildable: OrderedDict[tuple[str, str], float] = OrderedDict()
         self.recent_errors: deque[BuildError] = deque(maxlen=RECENT_ERRORS)
         self._errors_recorded = 0
         self._failure_ttl = failure_ttl
         self._build_timeout = build_timeout
         #: (kind, image, tag or pin, ...) -> (until when, the error answered); oldest first.
         self._failures: OrderedDict[tuple[str, ...], tuple[float, RegistryError]] = OrderedDict()
-
-    @inlineCallbacks
-    def tagged(self, image: ImageName, tag: str) -> Any:
-        """What ``image:tag`` stands for (a :class:`TaggedImage`), built if needed."""
-        targets = image.targets(self._platforms)
-        if len(targets) == 1:
-            built = yield self.image(targets[0], tag)
-            return TaggedImage([built], {}, pinned=built.pinned)
-        now = self._clock.seconds()
-        tried = [
-            target
-            for target in targets
-            if self._unbuildable.get((target.canonical, tag), 0.0) <= now
-        ] or targets
-        results = yield gatherResults(
-            [self.image(target, tag).addErrback(_registry_error) for target in tried],
-            consumeErrors=True,
-        ).addErrback(_first_error)
-        images = [result for result in results if isinstance(result, BuiltImage)]
-        if not images:
-            raise next(result for result in results if isinstance(result, RegistryError))
-        for target, result in zip(tried, results, strict=True):
-            key = (target.canonical, tag)
-            self._unbuildable.pop(key, None)
-            if isinstance(result, RegistryError):
-                self._unbuildable[key] = now + PLATFORM_RETRY_SECONDS
-                while len(self._unbuildable) > LOCAL_MANIFEST_CACHE_SIZE:
-                    self._unbuildable.popitem(last=False)
-                self.log.warn(
-                    "{image}:{tag}: left out of the index for {seconds:g} s: {reason}",
-                    image=target.canonical,
-                    tag=tag,
-                    seconds=PLATFORM_RETRY_SECONDS,
-                    reason=result.message,
-                )
-        indexes = yield self._indexes_of(images)
-        pinned = len(images) == len(targets) and all(image.pinned for image in images)
-        return TaggedImage(images, indexes, pinned=pinned)
-
-    @inlineCallbacks
-    def _indexes_of(self, images: Sequence[BuiltImage]) -> Any:
-        key = tuple(image.manifests["docker"].digest for image in images)
-        if key in self._indexes:
-            self._indexes.move_to_end(key)
-            return self._indexes[key]
-        indexes = {}
-        for form, media_type in index_forms_for(self._compression.format).items():
-            entries = [
-                IndexEntry(
-                    image.platform,
-                    image.manifests[form].media_type,
-                    image.manifests[form].digest,
-                    len(image.manifests[form].data),
-                )
-                for image in images
-            ]
-            data = image_index(form, entries, layer_format=self._compression.format)
-            info = yield self._storage.put_blob(data, media_type)
-            indexes[form] = StoredManifest(media_type, info.digest, data)
-        # The record is what keeps the index blobs from garbage collection.
-        record_key = hashlib.sha256("\n".join(key).encode()).hexdigest()
-        record = {form: index.digest for form, index in indexes.items()}
-        yield self._storage.put_record(f"indexes/{record_key}", json.dumps(record).encode())
-        self._indexes[key] = indexes
-        while len(self._indexes) > LOCAL_MANIFEST_CACHE_SIZE:
-            self._indexes.popitem(last=False)
-        return indexes
 
     def image(self, image: ImageTarget, tag: str) -> Deferred[BuiltImage]:
         """One platform's image, built if needed; concurrent callers share one build."""
@@ -282,7 +133,7 @@ class ImageBuilder:
         pin_key = None
         if source.pin is not None:
             pin_key = self._manifest_key("pin", image.canonical, source.pin, popularity)
-            cached = yield self._cached_manifests(pin_key, image.platform)
+            cached = yield self._manifests.cached(pin_key, image.platform)
             if cached is not None:
                 return replace(cached, pinned=source.pin == tag)
         failure_key = self._failure_key(image, tag, source)
@@ -298,7 +149,7 @@ class ImageBuilder:
                 self._remember_failure(failure_key, source, error)
             raise
         if pin_key is not None:
-            yield self._remember(pin_key, built)
+            yield self._manifests.remember(pin_key, built)
             return replace(built, pinned=source.pin == tag)
         return built
 
@@ -364,11 +215,11 @@ class ImageBuilder:
         packages: list[ResolvedPackage] = yield self._nix.resolve(source, image)
         outputs = sorted(package.out_path for package in packages)
         eval_key = self._manifest_key("eval", image.canonical, "\n".join(outputs), popularity)
-        built = yield self._cached_manifests(eval_key, image.platform)
+        built = yield self._manifests.cached(eval_key, image.platform)
         if built is None:
             started = self._clock.seconds()
             built = yield self._build(image, packages, popularity)
-            yield self._remember(eval_key, built)
+            yield self._manifests.remember(eval_key, built)
             seconds = self._clock.seconds() - started
             self.log.info(
                 "built {image}:{tag} in {seconds:.1f}s",
@@ -388,7 +239,7 @@ class ImageBuilder:
             self._layering_name,
             str(self._budget),
             popularity.fingerprint,
-            self._compression.key,
+            self._layers.compression.key,
         ]
         if kind == "pin":
             # The pin names the source; the nixpkgs configuration can change what it gives.
@@ -421,26 +272,14 @@ class ImageBuilder:
             lap("layering")
             roots = [package.out_path for package in packages]
             descriptors: list[LayerDescriptor] = yield gatherResults(
-                [self._store_layer(layer) for layer in layers] + [self._forest_layer(roots)],
+                [self._layers.store_paths(layer) for layer in layers]
+                + [self._layers.symlink_forest(roots)],
                 consumeErrors=True,
-            ).addErrback(_first_error)
+            ).addErrback(first_failure)
             lap("layers")
-            config = image_config(
+            built = yield self._manifests.write(
                 image.platform, descriptors, (package.name for package in packages)
             )
-            config_info = yield self._storage.put_blob(config, OCI_CONFIG)
-            manifests = {}
-            layer_format = self._compression.format
-            for form, (media_type, _, _) in forms_for(layer_format).items():
-                data = image_manifest(
-                    form,
-                    config_info.digest,
-                    config_info.size,
-                    descriptors,
-                    layer_format=layer_format,
-                )
-                info = yield self._storage.put_blob(data, media_type)
-                manifests[form] = StoredManifest(media_type, info.digest, data)
             lap("manifest")
             self.log.info(
                 "{image}: {paths} store paths in {layers} layers; {timings}",
@@ -449,7 +288,7 @@ class ImageBuilder:
                 layers=len(descriptors),
                 timings=", ".join(f"{step} {seconds:.2f}s" for step, seconds in timings.items()),
             )
-            return BuiltImage(image.platform, manifests)
+            return built
         finally:
             self._nix.release(gc_roots)
 
@@ -462,93 +301,3 @@ class ImageBuilder:
                 f"{len(placed)} paths for a closure of {len(closure.paths)} paths and a budget "
                 f"of {self._budget - 1}; this is a bug in the strategy"
             )
-
-    def _store_layer(self, layer: Layer) -> Deferred[LayerDescriptor]:
-        paths = layer.paths
-        return self._layer(
-            layer.key,
-            lambda out: write_store_layer(
-                paths, out, compression=self._compression, executor=self._compress_pool
-            ),
-        )
-
-    def _forest_layer(self, roots: Sequence[str]) -> Deferred[LayerDescriptor]:
-        key = hashlib.sha256(("symlink-forest\n" + "\n".join(roots)).encode()).hexdigest()
-
-        def write(out: IO[bytes]) -> LayerDigests:
-            entries = symlink_forest(roots)
-            return write_tree_layer(
-                entries, out, compression=self._compression, executor=self._compress_pool
-            )
-
-        return self._layer(key, write)
-
-    def _layer(
-        self, key: str, write: Callable[[IO[bytes]], LayerDigests]
-    ) -> Deferred[LayerDescriptor]:
-        """A layer from the cache, or written once however many builds want it now."""
-        return self._layers.run(key, lambda: self._cached_or_written_layer(key, write))
-
-    @inlineCallbacks
-    def _cached_or_written_layer(self, key: str, write: Callable[[IO[bytes]], LayerDigests]) -> Any:
-        # Blob bytes depend on the compressor and level, so the record does too.
-        record_name = f"builds/{key}.{self._compression.key}"
-        record = yield self._storage.get_record(record_name)
-        if record is not None:
-            cached = LayerDescriptor(**json.loads(record))
-            if (yield self._storage.stat_blob(cached.digest)) is not None:
-                return cached
-        staged = self._storage.stage_blob()
-        try:
-            digests: LayerDigests = yield self._write_in_thread(lambda: write(staged.file))
-        except BaseException:
-            staged.discard()
-            raise
-        info = yield staged.commit(digests.digest, layer_media_type(self._compression.format))
-        descriptor = LayerDescriptor(digest=info.digest, size=info.size, diff_id=digests.diff_id)
-        yield self._storage.put_record(record_name, json.dumps(descriptor.__dict__).encode())
-        return descriptor
-
-    @inlineCallbacks
-    def _cached_manifests(self, key: str, platform: Platform) -> Any:
-        if key in self._local:
-            self._local.move_to_end(key)
-            return self._local[key]
-        record = yield self._storage.get_record(f"manifests/{key}")
-        if record is None:
-            return None
-        manifests = {}
-        for form, digest in json.loads(record).items():
-            blob = yield self._storage.read_blob(digest)
-            forms = forms_for(self._compression.format)
-            if blob is None or form not in forms:
-                return None
-            manifests[form] = StoredManifest(forms[form][0], digest, blob.data)
-        built = BuiltImage(platform, manifests)
-        self._keep_local(key, built)
-        return built
-
-    @inlineCallbacks
-    def _remember(self, key: str, built: BuiltImage) -> Any:
-        record = {form: manifest.digest for form, manifest in built.manifests.items()}
-        yield self._storage.put_record(f"manifests/{key}", json.dumps(record).encode())
-        self._keep_local(key, built)
-
-    def _keep_local(self, key: str, built: BuiltImage) -> None:
-        self._local[key] = built
-        self._local.move_to_end(key)
-        while len(self._local) > LOCAL_MANIFEST_CACHE_SIZE:
-            self._local.popitem(last=False)
-
-
-def _registry_error(failure: Failure) -> RegistryError:
-    """A build's registry error as a value, so that one platform's failure does not fail
-    the others; anything else is a fault and stays a failure."""
-    failure.trap(RegistryError)
-    return cast(RegistryError, failure.value)
-
-
-def _first_error(failure: Failure) -> Failure:
-    """The failure of the first layer that failed, rather than gatherResults' wrapper."""
-    wrapper = cast(FirstError, failure.value)
-    return wrapper.subFailure

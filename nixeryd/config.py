@@ -441,6 +441,9 @@ def _read_file(path: Path, values: dict[str, Any], origins: dict[str, str]) -> N
         elif key == "plugin":
             if not isinstance(value, dict):
                 raise ConfigError(f"{origin}: must be a table of [plugin.<name>] tables")
+            for name, table in value.items():
+                if not isinstance(table, dict):
+                    raise ConfigError(f"{origin}.{name}: must be a table, [plugin.{name}]")
             values["plugin_options"] = value
         elif key in known:
             # Lists (platforms = ["linux/amd64", "linux/arm64"]) read like their flag's commas.

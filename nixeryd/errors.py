@@ -8,7 +8,10 @@ person can act on. The HTTP layer renders them as
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
+
+from twisted.internet.defer import FirstError
+from twisted.python.failure import Failure
 
 
 class RegistryError(Exception):
@@ -83,3 +86,11 @@ class BuildFailed(RegistryError):
 
 class BuildTimedOut(BuildFailed):
     """Nix ran longer than ``NIX_TIMEOUT`` and was killed."""
+
+
+def first_failure(failure: Failure) -> Failure:
+    """The failure of the first of several concurrent steps that failed (gatherResults
+    with ``consumeErrors``), rather than its ``FirstError`` wrapper, so that a client
+    gets that step's registry error."""
+    wrapper = cast(FirstError, failure.value)
+    return wrapper.subFailure

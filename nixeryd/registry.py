@@ -25,7 +25,7 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from nixeryd.answers import SERVER, Answers, render
 from nixeryd.blobserving import blob_headers
-from nixeryd.builder import ImageBuilder, StoredManifest
+from nixeryd.builder import ImageBuilder
 from nixeryd.errors import (
     BlobUnknown,
     DigestInvalid,
@@ -34,7 +34,9 @@ from nixeryd.errors import (
     TagInvalid,
     Unsupported,
 )
+from nixeryd.fanout import PlatformFanOut
 from nixeryd.imagename import ImageName, is_valid_tag, parse_image_name
+from nixeryd.images import StoredManifest
 from nixeryd.manifest import MANIFEST_MEDIA_TYPES, OCI_INDEX, choose
 from nixeryd.sources import PackageSource
 from nixeryd.storage import SMALL_BLOB_SIZE, BlobInfo, Redirect, Storage
@@ -62,12 +64,20 @@ def check_digest(digest: str) -> bool:
 
 
 class RegistryApp:
-    """The registry's routes, bound to one builder, storage and package source."""
+    """The registry's routes, bound to the images on the configured platforms, the builder
+    (for its recent errors), storage and the package source."""
 
     app = Klein()
     log = Logger()
 
-    def __init__(self, builder: ImageBuilder, storage: Storage, source: PackageSource) -> None:
+    def __init__(
+        self,
+        images: PlatformFanOut,
+        builder: ImageBuilder,
+        storage: Storage,
+        source: PackageSource,
+    ) -> None:
+        self._images = images
         self._builder = builder
         self._storage = storage
         self._source = source
@@ -147,7 +157,7 @@ class RegistryApp:
             raise TagInvalid(
                 f"{tag!r} is not a valid tag (letters, digits, '_', '.', '-'; at most 128)"
             )
-        tagged = yield self._builder.tagged(image, tag)
+        tagged = yield self._images.tagged(image, tag)
         accept = request.requestHeaders.getRawHeaders(b"accept", [])
         # Caches between client and registry must key a tag's answer by Accept.
         request.setHeader(b"Vary", b"Accept")
@@ -185,11 +195,17 @@ class RegistryApp:
             return render(request, headers, blob.data)
         answer = self._storage.serve_blob(info)
         if isinstance(answer, Redirect):
+            redirect = [
+                (b"Location", answer.url.encode()),
+                (b"Docker-Content-Digest", digest.encode()),
+                (b"Content-Length", b"0"),
+            ]
+            if answer.until is not None:
+                self._answers.remember(
+                    request, redirect, b"", by_accept=False, code=answer.status, until=answer.until
+                )
             request.setResponseCode(answer.status)
-            request.setHeader(b"Location", answer.url.encode())
-            request.setHeader(b"Docker-Content-Digest", digest.encode())
-            request.setHeader(b"Content-Length", b"0")
-            return b""
+            return render(request, redirect, b"")
         return answer
 
     @inlineCallbacks

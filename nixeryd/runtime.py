@@ -43,7 +43,10 @@ class Runtime:
     reactor: Any
     #: An HTTP client with treq's interface (``treq`` itself, or ``treq.testing.StubTreq``).
     http: Any
+    #: Runs commands (Nix, git) without blocking the reactor; a fake in tests.
     processes: ProcessRunner
+    #: Where blocking work goes: ``run_in_thread(work)`` runs ``work()`` in a worker
+    #: thread and fires on the reactor thread (see :class:`ThreadRunner`).
     run_in_thread: ThreadRunner
     #: The settings the provider being created declared, resolved (:mod:`nixeryd.settings`).
     settings: Mapping[str, Any] = field(default_factory=dict)

@@ -28,6 +28,9 @@ from twisted.web.client import Agent
 from nixeryd.builder import ImageBuilder
 from nixeryd.config import Config
 from nixeryd.evaluator import EvaluatorLimits, EvaluatorPool, Repl
+from nixeryd.fanout import PlatformFanOut
+from nixeryd.layerstore import LayerStore
+from nixeryd.manifeststore import ManifestStore
 from nixeryd.nixbuild import Nix, repl_argv
 from nixeryd.plugins import Plugins, make_plugin_manager
 from nixeryd.popularity import PopularityLoader, PopularitySource
@@ -58,9 +61,10 @@ def make_registry(
     """
     plugins = plugins or Plugins(make_plugin_manager())
     processes = processes or ReactorProcessRunner(reactor)
-    write_in_thread = run_in_thread
     compress_pool = None
-    if run_in_thread is None:
+    if run_in_thread is not None:
+        write_in_thread = run_in_thread
+    else:
         pool = reactor.getThreadPool()
 
         def run_in_thread(work: Callable[[], Any]) -> Deferred[Any]:
@@ -81,6 +85,10 @@ def make_registry(
     storage = plugins.storage_backend(config.storage_backend).create_with(runtime)
     source = plugins.package_source(config.package_source).create_with(runtime)
     layering = plugins.layering_strategy(config.layering_strategy).create_with(runtime)
+    selected = {config.storage_backend, config.package_source, config.layering_strategy}
+    for name in sorted(set(config.plugin_options) - selected):
+        # A misspelt name, or a provider the site switched away from: not an error.
+        log.warn("[plugin.{name}]: no selected provider is called {name}; ignored", name=name)
     evaluators = None
     if config.evaluators > 0:
         limits = EvaluatorLimits(
@@ -102,24 +110,23 @@ def make_registry(
         evaluators=evaluators,
         unpinned_reuse=config.evaluator_unpinned_ttl,
     )
+    manifests = ManifestStore(storage, config.compression)
     builder = ImageBuilder(
         nix=nix,
         source=source,
-        storage=storage,
         layering=layering,
         layering_name=config.layering_strategy,
         layer_budget=config.layer_budget,
-        platforms=config.platforms,
         popularity=PopularitySource(PopularityLoader(runtime.http), config.popularity_url),
+        layers=LayerStore(storage, config.compression, write_in_thread, compress_pool),
+        manifests=manifests,
         run_in_thread=run_in_thread,
         clock=reactor,
         on_built=plugins.image_built,
-        compression=config.compression,
-        write_in_thread=write_in_thread,
-        compress_pool=compress_pool,
         failure_ttl=config.failure_ttl,
         build_timeout=config.build_timeout,
     )
+    images = PlatformFanOut(builder.image, manifests, config.platforms, reactor)
     log.info(
         "serving {source} source for {platforms}, {storage} storage, "
         "{layering} layering (budget {budget}), {compression} layers",
@@ -130,7 +137,7 @@ def make_registry(
         budget=config.layer_budget,
         compression=config.compression.key,
     )
-    return RegistryApp(builder, storage, source)
+    return RegistryApp(images, builder, storage, source)
 
 
 def layer_pool_size(configured: int, cores: int | None = None) -> int:

@@ -139,29 +139,30 @@ class RegistryChannel(HTTPChannel):
         answer = self.site.answers.response(method, uri.partition(b"?")[0], accept)
         if answer is None:
             return False
-        response, body_length = answer
+        response, code, body_length = answer
         transport: Any = self.transport
         transport.write(response)
         if self.site.access_log:
-            self.site.log(_Answered(self, method, uri, headers, body_length))
+            self.site.log(_Answered(self, code, method, uri, headers, body_length))
         return True
 
 
 class _Answered:
     """What the access log formatter reads of a request answered from memory."""
 
-    code = 200
     clientproto = b"HTTP/1.1"
 
     def __init__(
         self,
         channel: HTTPChannel,
+        code: int,
         method: bytes,
         uri: bytes,
         headers: dict[bytes, bytes],
         sent: int,
     ) -> None:
         self.channel = channel
+        self.code = code
         self.method = method
         self.uri = uri
         self._headers = headers

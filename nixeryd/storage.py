@@ -101,11 +101,16 @@ class Redirect:
     """Send the client to ``url`` for the bytes: a presigned object-store URL.
 
     ``status`` is 307 (the distribution registry's answer) or 303 (Nixery's).
-    The registry adds ``Location`` and ``Docker-Content-Digest``.
+    The registry adds ``Location`` and ``Docker-Content-Digest``. Until the
+    wall-clock time ``until`` (well before the URL expires: a client may
+    start its download a while after it got the redirect) the registry may
+    answer later GETs of the blob with the same redirect from memory; None:
+    ask ``serve_blob`` every time.
     """
 
     url: str
     status: int = 307
+    until: float | None = None
 
 
 #: What :meth:`Storage.serve_blob` answers: a redirect, or a resource writing the bytes.

@@ -2,21 +2,19 @@
 
 Every store path in one layer: images share nothing, but each is one
 download. A baseline for layering benchmarks and the smallest example of a
-strategy plugin.
+strategy plugin; like every plugin, it imports only :mod:`nixeryd.plugin`.
 """
 
 from __future__ import annotations
 
-from nixeryd import hookimpl
-from nixeryd.closure import ClosureGraph
-from nixeryd.layering import Layer, LayeringStrategy
-from nixeryd.popularity import Popularity
-from nixeryd.runtime import Provider
+from nixeryd.plugin import ClosureGraph, Layer, LayeringStrategy, Popularity, Provider, hookimpl
 
 NAME = "single-layer"
 
 
 class SingleLayer:
+    """A :class:`~nixeryd.plugin.LayeringStrategy`: pure and synchronous, as the contract asks."""
+
     def group(self, closure: ClosureGraph, popularity: Popularity, budget: int) -> list[Layer]:
         if budget < 1:
             raise ValueError("the layer budget must be at least 1")

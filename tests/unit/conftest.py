@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.registryharness import FakeNix, Harness, RegistryFactory
+from nixeryd.testing.harness import FakeNix, Harness, RegistryFactory
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import zstandard
 from nixeryd.manifest import DOCKER_LAYER, OCI_INDEX, OCI_LAYER, OCI_LAYER_ZSTD, OCI_MANIFEST
 from nixeryd.platform import AMD64, ARM64
 from nixeryd.service import layer_pool_size
-from tests.registryharness import FakeNix, Harness, RegistryFactory, building, header
+from nixeryd.testing.harness import FakeNix, Harness, RegistryFactory, building, header
 
 DOCKER_ACCEPT = {"Accept": ["application/vnd.docker.distribution.manifest.v2+json"]}
 

@@ -102,6 +102,14 @@ def test_plugin_tables_reach_plugins(tmp_path: Path) -> None:
     assert config.plugin_options == {"mysite": {"bucket": "images"}}
 
 
+@pytest.mark.parametrize("document", ['plugin = "s3"\n', 'plugin.s3 = "bucket"\n'])
+def test_plugin_settings_must_be_tables(tmp_path: Path, document: str) -> None:
+    file = tmp_path / "nixeryd.toml"
+    file.write_text(document)
+    with pytest.raises(ConfigError, match="must be a table"):
+        load_config({}, {}, file)
+
+
 def test_platforms_from_each_source(tmp_path: Path) -> None:
     assert load_config({}, {}).platforms == (host_platform(),)
     file = tmp_path / "nixeryd.toml"

@@ -22,7 +22,7 @@ from nixeryd.manifest import (
     OCI_MANIFEST,
 )
 from nixeryd.platform import AMD64, ARM64
-from tests.registryharness import FakeNix, Harness, RegistryFactory, building, header
+from nixeryd.testing.harness import FakeNix, Harness, RegistryFactory, building, header
 
 MANIFEST_TYPES = [DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_MANIFEST, OCI_INDEX]
 ZERO_DIGEST = "sha256:" + "0" * 64

@@ -10,7 +10,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from nixeryd.evaluator import Evaluator, EvaluatorLimits, EvaluatorPool, Repl, resident_memory
 from nixeryd.process import ProcessResult, ProcessTimedOut
-from tests.fakes import ExpectingProcessRunner, ReplReply, ReplScript
+from nixeryd.testing.processes import ExpectingProcessRunner, ReplReply, ReplScript
 
 LIMITS = EvaluatorLimits(capacity=2, memory=100 * 2**20, idle=600.0, request_timeout=30.0)
 ARGV = ("nix", "--extra-experimental-features", "nix-command", "repl")

@@ -26,7 +26,7 @@ from nixeryd.nixbuild import (
 )
 from nixeryd.platform import AMD64
 from nixeryd.sources import SourceRef
-from tests.fakes import Expect, ExpectingProcessRunner, ReplReply, ReplScript
+from nixeryd.testing.processes import Expect, ExpectingProcessRunner, ReplReply, ReplScript
 
 DATA = Path(__file__).parent / "data"
 failureResultOf = SynchronousTestCase().failureResultOf

@@ -2,11 +2,13 @@ from typing import Any
 
 import pytest
 from twisted.internet.task import Clock
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 
 from nixeryd import hookimpl
 from nixeryd.config import Config, ConfigError
 from nixeryd.plugins import Plugins, builtin_plugins, make_plugin_manager
 from nixeryd.runtime import Provider, Runtime
+from nixeryd.testing.harness import RegistryFactory
 
 
 def test_builtins_are_plugins() -> None:
@@ -67,3 +69,12 @@ def test_two_plugins_offering_one_name_is_a_start_up_error() -> None:
     plugins = Plugins(make_plugin_manager(plugins=[First(), Second()], load_entrypoints=False))
     with pytest.raises(ConfigError, match="two plugins offer a storage backend called 'shared'"):
         plugins.storage_backend("other")
+
+
+def test_a_table_no_selected_provider_reads_is_warned_about(
+    registry_with: RegistryFactory,
+) -> None:
+    with capturedLogs() as events:
+        registry_with(plugin_options={"filesystem": {}, "s3x": {"bucket": "b"}})
+    warnings = [formatEvent(event) for event in events if event["log_level"] == LogLevel.warn]
+    assert warnings == ["[plugin.s3x]: no selected provider is called s3x; ignored"]

@@ -23,7 +23,7 @@ from nixeryd.popcount import (
     read_store_paths,
 )
 from nixeryd.process import ProcessResult, ProcessTimedOut
-from tests.fakes import Expect, ExpectingProcessRunner, ReplReply, ReplScript
+from nixeryd.testing.processes import Expect, ExpectingProcessRunner, ReplReply, ReplScript
 
 A = "/nix/store/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-app-1.0"
 B = "/nix/store/bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb-lib-2.0"

@@ -16,8 +16,8 @@ from nixeryd.manifest import (
     OCI_MANIFEST,
 )
 from nixeryd.platform import AMD64, ARM64
-from tests.fakes import Expect
-from tests.registryharness import FakeNix, RegistryFactory, building, header
+from nixeryd.testing.harness import FakeNix, RegistryFactory, building, header
+from nixeryd.testing.processes import Expect
 
 
 def test_base_endpoint_has_api_version(registry_with: RegistryFactory) -> None:

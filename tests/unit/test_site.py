@@ -15,7 +15,7 @@ from twisted.internet.testing import StringTransport
 from twisted.web.server import Request
 
 from nixeryd.site import RegistryChannel, RegistrySite
-from tests.registryharness import FakeNix, Harness, RegistryFactory, building
+from nixeryd.testing.harness import FakeNix, Harness, RegistryFactory, building
 
 
 class Server:

@@ -8,7 +8,7 @@ from twisted.internet.task import Clock
 from nixeryd.builtin.sources import ChannelSource, GitSource, PathSource
 from nixeryd.errors import BuildFailed, ManifestUnknown
 from nixeryd.sources import SourceRef
-from tests.fakes import Expect, ExpectingProcessRunner
+from nixeryd.testing.processes import Expect, ExpectingProcessRunner
 
 COMMIT = "a" * 40
 LS_REMOTE = (

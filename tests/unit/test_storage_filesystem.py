@@ -41,7 +41,7 @@ from nixeryd.builtin.filesystem import NAME, FilesystemStorage
 from nixeryd.errors import DigestInvalid
 from nixeryd.site import RegistrySite
 from nixeryd.storage import BlobInfo, Storage
-from tests.memoryhttp import MemoryHTTP
+from nixeryd.testing.memoryhttp import MemoryHTTP
 
 T = TypeVar("T")
 

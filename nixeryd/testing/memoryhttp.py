@@ -1,4 +1,14 @@
-"""Real HTTP requests through twisted.web and treq's client, entirely in memory."""
+"""Real HTTP requests through twisted.web and treq's client, entirely in memory.
+
+For testing a resource a plugin serves (a storage backend's ``serve_blob``
+answer, say) without sockets or a running reactor: wrap it in
+:class:`MemoryHTTP` and make requests; each call returns once the response
+has been written, however many producer turns that took::
+
+    http = MemoryHTTP(storage.serve_blob(info), monkeypatch)
+    response, body = http.request("GET", "http://test/", headers={"Range": "bytes=0-9"})
+    assert response.code == 206
+"""
 
 from __future__ import annotations
 
@@ -13,6 +23,8 @@ from twisted.python.failure import Failure
 
 T = TypeVar("T")
 
+__all__ = ["MemoryHTTP"]
+
 
 class MemoryHTTP:
     """StubTreq over a resource, with twisted.web's streaming working.
@@ -22,7 +34,12 @@ class MemoryHTTP:
     :meth:`settle` advances.
     """
 
+    #: The Clock the Cooperator runs on; :meth:`settle` advances it.
+    clock: Clock
+
     def __init__(self, resource: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Serve ``resource`` (an IResource); ``monkeypatch`` swaps the global Cooperator
+        for one on :attr:`clock` for the test's duration."""
         self.clock = Clock()
         cooperator = Cooperator(scheduler=lambda work: self.clock.callLater(0, work))
         monkeypatch.setattr(task, "_theCooperator", cooperator)
@@ -42,5 +59,7 @@ class MemoryHTTP:
         raise AssertionError("the request never completed")
 
     def request(self, method: str, url: str, **kwargs: Any) -> tuple[Any, bytes]:
+        """Make a request with treq's arguments (``headers``, ``data``...); the response
+        and its whole body."""
         response = self.settle(self.treq.request(method, url, **kwargs))
         return response, self.settle(response.content())

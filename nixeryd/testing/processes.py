@@ -1,4 +1,21 @@
-"""Test doubles with the interfaces of the real seams."""
+"""An expectation fake for the process seam: Nix (or any command) without running it.
+
+:class:`ExpectingProcessRunner` is a :class:`nixeryd.process.ProcessRunner`:
+pass it where nixeryd or a plugin takes ``runtime.processes``. Each
+:class:`Expect` matches commands by their argv prefix and answers with canned
+stdout, stderr lines and exit code, or a timeout; a command nothing expects
+raises AssertionError and is recorded in ``unexpected``, so a test states
+exactly what may run::
+
+    git = Expect(["git", "ls-remote"], stdout=b"abc123\tHEAD\n")
+    processes = ExpectingProcessRunner(git)
+    ...  # exercise the code
+    assert len(git.calls) == 1 and not processes.unexpected
+
+Interactive commands (:meth:`~nixeryd.process.ProcessRunner.start`: the
+evaluator's ``nix repl``) are answered by a :class:`ReplScript`, which
+speaks the evaluator's request framing.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +26,8 @@ from dataclasses import dataclass, field
 from twisted.internet.defer import Deferred, fail, succeed
 
 from nixeryd.process import InteractiveProcess, ProcessResult, ProcessTimedOut
+
+__all__ = ["Expect", "ExpectingProcessRunner", "FakeRepl", "ReplReply", "ReplScript"]
 
 
 @dataclass

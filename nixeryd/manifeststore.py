@@ -1,0 +1,127 @@
+"""Configs, manifests and indexes in storage, with the records that find them again.
+
+An image's manifests are recorded under ``manifests/<key>`` (``{form:
+digest}``), keyed by what determines them (the pin or the evaluated outputs,
+the layering, the compression), so that a restarted daemon, or another
+instance on the same bucket, serves the image without building it. Indexes
+over several platforms are recorded under ``indexes/<key>``, which also keeps
+their blobs from garbage collection. Recently used ones are kept in memory in
+front of storage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from twisted.internet.defer import inlineCallbacks
+
+from nixeryd.compression import Compression
+from nixeryd.images import BuiltImage, StoredManifest
+from nixeryd.manifest import (
+    OCI_CONFIG,
+    IndexEntry,
+    LayerDescriptor,
+    forms_for,
+    image_config,
+    image_index,
+    image_manifest,
+    index_forms_for,
+)
+from nixeryd.platform import Platform
+from nixeryd.storage import Storage
+
+#: Images and indexes kept in memory, in front of storage.
+LOCAL_MANIFEST_CACHE_SIZE = 1024
+
+
+class ManifestStore:
+    """Writes and finds images' manifests and indexes; keeps the recent ones in memory."""
+
+    def __init__(self, storage: Storage, compression: Compression) -> None:
+        self._storage = storage
+        self._compression = compression
+        self._local: OrderedDict[str, BuiltImage] = OrderedDict()
+        self._indexes: OrderedDict[tuple[str, ...], Mapping[str, StoredManifest]] = OrderedDict()
+
+    @inlineCallbacks
+    def write(
+        self, platform: Platform, layers: Sequence[LayerDescriptor], packages: Iterable[str]
+    ) -> Any:
+        """Store the config and every form of manifest of an image of ``layers``."""
+        config = image_config(platform, layers, packages)
+        config_info = yield self._storage.put_blob(config, OCI_CONFIG)
+        manifests = {}
+        layer_format = self._compression.format
+        for form, (media_type, _, _) in forms_for(layer_format).items():
+            data = image_manifest(
+                form, config_info.digest, config_info.size, layers, layer_format=layer_format
+            )
+            info = yield self._storage.put_blob(data, media_type)
+            manifests[form] = StoredManifest(media_type, info.digest, data)
+        return BuiltImage(platform, manifests)
+
+    @inlineCallbacks
+    def cached(self, key: str, platform: Platform) -> Any:
+        """The image recorded under ``key`` (a :class:`BuiltImage`), or None."""
+        if key in self._local:
+            self._local.move_to_end(key)
+            return self._local[key]
+        record = yield self._storage.get_record(f"manifests/{key}")
+        if record is None:
+            return None
+        manifests = {}
+        forms = forms_for(self._compression.format)
+        for form, digest in json.loads(record).items():
+            blob = yield self._storage.read_blob(digest)
+            if blob is None or form not in forms:
+                return None
+            manifests[form] = StoredManifest(forms[form][0], digest, blob.data)
+        built = BuiltImage(platform, manifests)
+        self._keep_local(key, built)
+        return built
+
+    @inlineCallbacks
+    def remember(self, key: str, built: BuiltImage) -> Any:
+        """Record ``built`` under ``key``, for :meth:`cached` here and on other instances."""
+        record = {form: manifest.digest for form, manifest in built.manifests.items()}
+        yield self._storage.put_record(f"manifests/{key}", json.dumps(record).encode())
+        self._keep_local(key, built)
+
+    @inlineCallbacks
+    def indexes(self, images: Sequence[BuiltImage]) -> Any:
+        """The image indexes over ``images`` (``{form: StoredManifest}``), stored and recorded."""
+        key = tuple(image.manifests["docker"].digest for image in images)
+        if key in self._indexes:
+            self._indexes.move_to_end(key)
+            return self._indexes[key]
+        indexes = {}
+        for form, media_type in index_forms_for(self._compression.format).items():
+            entries = [
+                IndexEntry(
+                    image.platform,
+                    image.manifests[form].media_type,
+                    image.manifests[form].digest,
+                    len(image.manifests[form].data),
+                )
+                for image in images
+            ]
+            data = image_index(form, entries, layer_format=self._compression.format)
+            info = yield self._storage.put_blob(data, media_type)
+            indexes[form] = StoredManifest(media_type, info.digest, data)
+        record_key = hashlib.sha256("\n".join(key).encode()).hexdigest()
+        record = {form: index.digest for form, index in indexes.items()}
+        yield self._storage.put_record(f"indexes/{record_key}", json.dumps(record).encode())
+        self._indexes[key] = indexes
+        while len(self._indexes) > LOCAL_MANIFEST_CACHE_SIZE:
+            self._indexes.popitem(last=False)
+        return indexes
+
+    def _keep_local(self, key: str, built: BuiltImage) -> None:
+        self._local[key] = built
+        self._local.move_to_end(key)
+        while len(self._local) > LOCAL_MANIFEST_CACHE_SIZE:
+            self._local.popitem(last=False)

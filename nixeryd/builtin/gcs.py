@@ -238,11 +238,13 @@ class GcsStorage:
         if self._signer is None:
             url = gcsauth.unsigned_url(self._endpoint, self.bucket, key)
             return Redirect(url, self._redirect_status)
+        # (url, until): a wall-clock time, the reactor's, as Redirect.until is.
         cached = self._signed_urls.get(info.digest)
         if cached is not None and self._reactor.seconds() < cached[1]:
             self._signed_urls.move_to_end(info.digest)
-            return Redirect(cached[0], self._redirect_status)
-        signing = self._signing.run(info.digest, lambda: self._sign(info.digest, key))
+            return Redirect(cached[0], self._redirect_status, until=cached[1])
+        now = self._reactor.seconds()
+        signing = self._signing.run(info.digest, lambda: self._sign(info.digest, key, now))
         outcome: list[str | Failure] = []
 
         def note(result: Any) -> Any:
@@ -255,11 +257,14 @@ class GcsStorage:
         signing.addErrback(lambda _: None)  # a failure is raised here instead
         if isinstance(outcome[0], Failure):
             outcome[0].raiseException()
-        return Redirect(str(outcome[0]), self._redirect_status)  # signed with a key: at once
+        # Signed with a key: at once.
+        return Redirect(str(outcome[0]), self._redirect_status, until=now + self._lifetime / 2)
 
-    def _sign(self, digest: str, key: str) -> Deferred[str]:
+    def _sign(self, digest: str, key: str, now: float) -> Deferred[str]:
+        """Sign a URL valid from ``now``, and remember it for half its lifetime: the
+        registry and this cache may hand it out until then, and a client that got it
+        at the last moment still has the other half to start its download."""
         assert self._signer is not None
-        now = self._reactor.seconds()
 
         def remember(url: str) -> str:
             self._signed_urls[digest] = (url, now + self._lifetime / 2)

@@ -406,6 +406,7 @@ def test_a_signed_url_is_reused_for_half_its_lifetime(make: Callable[..., Harnes
     assert isinstance(first, Redirect) and first.status == 303
     assert first.url.startswith(f"{ENDPOINT}/bucket/blobs/sha256/{BIG.digest[7:]}?")
     assert "X-Goog-Expires=300" in first.url and first.url.endswith("X-Goog-Signature=0102")
+    assert first.until == harness.clock.seconds() + 150
     harness.clock.advance(149)
     assert harness.storage.serve_blob(BIG) == first
     assert len(signer.calls) == 1

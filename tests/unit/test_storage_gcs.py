@@ -26,6 +26,7 @@ from treq.testing import StubTreq
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone, ResponseFailed
 from twisted.web.resource import IResource, Resource
 
 from nixeryd.builtin import gcs, gcsauth
@@ -588,3 +589,94 @@ def test_a_proxy_needs_no_signer(key_file: str) -> None:
 def test_a_missing_credentials_file_says_which() -> None:
     with pytest.raises(ConfigError, match="GOOGLE_APPLICATION_CREDENTIALS"):
         create({"GCS_BUCKET": "b", "GOOGLE_APPLICATION_CREDENTIALS": "/nonexistent/key.json"})
+
+
+# Proxying
+
+
+class FakeClientRequest:
+    """The part of a twisted.web request that relaying a GCS body uses."""
+
+    def __init__(self) -> None:
+        self.producer: Any = None
+        self.written: list[bytes] = []
+        self.finished = False
+        self.lost = False
+        self._finish: Deferred[None] = Deferred()
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        assert streaming and self.producer is None
+        self.producer = producer
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def finish(self) -> None:
+        self.finished = True
+
+    def loseConnection(self) -> None:
+        self.lost = True
+
+    def notifyFinish(self) -> Deferred[None]:
+        return self._finish
+
+    def client_leaves(self) -> None:
+        self._finish.errback(Failure(ConnectionError("gone")))
+
+
+class FakeUpstream:
+    """The transport of a GCS response body: what pauses or stops the download."""
+
+    def __init__(self) -> None:
+        self.stopped = False
+
+    def pauseProducing(self) -> None: ...
+
+    def resumeProducing(self) -> None: ...
+
+    def stopProducing(self) -> None:
+        self.stopped = True
+
+
+def relaying(skip: int, length: int) -> tuple[Any, FakeClientRequest, FakeUpstream]:
+    request, upstream = FakeClientRequest(), FakeUpstream()
+    relay = gcs._Relay(request, skip, length)  # type: ignore[arg-type]
+    relay.makeConnection(upstream)  # type: ignore[arg-type]
+    return relay, request, upstream
+
+
+def test_the_client_connection_paces_the_gcs_download() -> None:
+    relay, request, upstream = relaying(skip=0, length=6)
+    assert request.producer is upstream  # twisted.web pauses it while the client is slow
+    relay.dataReceived(b"abc")
+    relay.dataReceived(b"def")
+    relay.connectionLost(Failure(ResponseDone()))
+    assert b"".join(request.written) == b"abcdef"
+    assert request.finished and request.producer is None
+
+
+def test_a_whole_object_answering_a_range_is_cut_to_it() -> None:
+    relay, request, _ = relaying(skip=2, length=3)
+    for piece in (b"a", b"bcd", b"efgh"):
+        relay.dataReceived(piece)
+    relay.connectionLost(Failure(ResponseDone()))
+    assert b"".join(request.written) == b"cde" and request.finished
+
+
+def test_a_short_gcs_body_ends_the_client_connection() -> None:
+    relay, request, _ = relaying(skip=0, length=10)
+    relay.dataReceived(b"abc")
+    relay.connectionLost(Failure(ResponseFailed([])))
+    assert request.lost and not request.finished
+
+
+def test_a_client_that_leaves_stops_the_gcs_download() -> None:
+    relay, request, upstream = relaying(skip=0, length=10)
+    relay.dataReceived(b"abc")
+    request.client_leaves()
+    assert upstream.stopped
+    relay.dataReceived(b"def")
+    assert request.written == [b"abc"]

@@ -83,6 +83,8 @@ class Daemon:
             "STORAGE_PATH": str(workdir / "storage"),
         }
         env = nix_env(**{**defaults, **environment})
+        #: What the daemon was started with, for tests that need its settings.
+        self.environment = env
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "nixeryd", "serve"], env=env, stdout=log, stderr=log

@@ -20,8 +20,9 @@ one copy of each layer), and records are last-writer-wins.
 Crashes. An upload interrupted by a crash (even ``kill -9`` mid-multipart)
 leaves no object under the final key; its parts stay in the bucket, invisible
 and billed, until they are aborted. Give the bucket a lifecycle rule with
-``AbortIncompleteMultipartUpload`` (a day is plenty). ``stop`` aborts the
-uploads still in flight at an orderly shutdown.
+``AbortIncompleteMultipartUpload`` (a day is plenty); ``start`` also aborts
+this prefix's uploads older than a day, and ``stop`` those still in flight
+at an orderly shutdown.
 
 Requests are signed with botocore's own SigV4 signer (``S3SigV4Auth``) and
 sent with the runtime's treq client, so nothing blocks the reactor; the
@@ -48,8 +49,10 @@ LocationConstraint.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import hashlib
 import io
+import ipaddress
 import os
 import tempfile
 from collections import OrderedDict
@@ -118,6 +121,9 @@ PART_SIZE = 64 * 1024 * 1024
 ATTEMPTS = 3
 #: Seconds before the first retry; doubled for each later one.
 RETRY_DELAY = 0.5
+#: Seconds after which a multipart upload of ours is abandoned (a crash's) and aborted
+#: at start.
+STALE_UPLOAD_AGE = 24 * 60 * 60.0
 
 _EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 # Blobs described at once by list_blobs (a HEAD each: a listing has no content type).
@@ -373,6 +379,28 @@ class _FileSlice:
         self._file.close()
 
 
+def _initiated(text: str | None) -> float:
+    """Seconds since the epoch of an ISO 8601 ``Initiated`` time; +inf if unreadable, so
+    that an upload of unknown age is left alone."""
+    try:
+        return datetime.datetime.fromisoformat((text or "").replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return float("inf")
+
+
+def _addressed_by_ip(endpoint: str) -> bool:
+    """Whether the endpoint is an IP address or localhost, where only path-style addressing
+    can work (``<bucket>.127.0.0.1`` names no host), as botocore decides too."""
+    host = urlsplit(endpoint).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 def _file_sha256(path: str, offset: int, length: int) -> str:
     """The SHA-256 of ``length`` bytes of the file from ``offset`` (in a worker thread)."""
     digest = hashlib.sha256()
@@ -414,6 +442,7 @@ class S3Storage:
         multipart_threshold: int = MULTIPART_THRESHOLD,
         part_size: int = PART_SIZE,
         retry_delay: float = RETRY_DELAY,
+        stale_upload_age: float = STALE_UPLOAD_AGE,
     ) -> None:
         if (access_key is None) != (secret_key is None):
             raise ConfigError("s3: set both S3_ACCESS_KEY and S3_SECRET_KEY, or neither")
@@ -423,7 +452,7 @@ class S3Storage:
         self._run = run_in_thread
         self._endpoint = endpoint or _AWS_ENDPOINT.format(region=region)
         self._region = region
-        self._path_style = path_style
+        self._path_style = path_style or _addressed_by_ip(self._endpoint)
         self._link_expiration = max(1, min(int(link_expiration), 7 * 24 * 3600))
         self._redirect_status = redirect_status
         self._proxy = proxy
@@ -432,6 +461,7 @@ class S3Storage:
         self._multipart_threshold = multipart_threshold
         self._part_size = part_size
         self._retry_delay = retry_delay
+        self._stale_upload_age = stale_upload_age
         static = Credentials(access_key, secret_key) if access_key and secret_key else None
         self._credentials = _CredentialSource(static, run_in_thread)
         # Presigned URLs by blob hex, oldest first, with when to sign them again.
@@ -564,6 +594,38 @@ class S3Storage:
         if answer.status != 200:
             raise ConfigError(f"s3: {where} answered HEAD with HTTP {answer.status}")
         _log.info("s3: using {where}, prefix {prefix!r}", where=where, prefix=self._prefix)
+        yield self._abort_stale_uploads()
+
+    @inlineCallbacks
+    def _abort_stale_uploads(self) -> Any:
+        """Abort this prefix's multipart uploads older than ``stale_upload_age``.
+
+        What a crash left behind (a lifecycle rule does the same, and should
+        be there anyway). Old enough that no live instance is still sending
+        it. A failure here, a missing permission say, is logged and start-up
+        goes on.
+        """
+        prefix = self._blob_key("")
+        cutoff = self._reactor.seconds() - self._stale_upload_age
+        # One page (up to 1000 uploads) per start: crashes do not leave more between two.
+        query = [("uploads", ""), ("prefix", prefix)]
+        try:
+            answer = yield self._call("GET", "", query=query)
+            if answer.status != 200:
+                raise self._refused("ListMultipartUploads", prefix, answer)
+            root = _parse(answer.body, "listing multipart uploads")
+        except S3Error as error:
+            _log.warn("s3: not aborting stale multipart uploads: {error}", error=error)
+            return
+        stale = [
+            (_text(upload, "Key") or "", _text(upload, "UploadId") or "")
+            for upload in _children(root, "Upload")
+            if _initiated(_text(upload, "Initiated")) < cutoff
+        ]
+        for key, upload_id in stale:
+            if key.startswith(prefix) and upload_id:
+                _log.info("s3: aborting a stale multipart upload of {key}", key=key)
+                yield self._abort(key, upload_id)
 
     def stop(self) -> Deferred[None]:
         """Abort the multipart uploads still in flight and forget presigned URLs."""

@@ -34,8 +34,12 @@ CONF=$D/ceph.conf
 : >"$D/pids" # "<daemon> <pid>" lines, for rgw-down.sh
 
 port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-MON=$(port)
+MON2=$(port)
+MON1=$(port)
 RGW=$(port)
+# Each probe's socket is closed before the next: make sure they are three.
+while [ "$MON1" = "$MON2" ]; do MON1=$(port); done
+while [ "$RGW" = "$MON1" ] || [ "$RGW" = "$MON2" ]; do RGW=$(port); done
 ENDPOINT=http://127.0.0.1:$RGW
 
 # Each daemon's command line names $CONF: that is how rgw-down.sh knows a PID is still ours.
@@ -53,7 +57,9 @@ trap on_exit EXIT
 cat >"$CONF" <<CONF
 [global]
 fsid = $(uuidgen)
-mon host = v1:127.0.0.1:$MON
+# Both protocols: with the monitor on v1 alone, an OSD's boot-time commands were sometimes
+# refused ("wrong fsid") and it never came up.
+mon host = [v2:127.0.0.1:$MON2,v1:127.0.0.1:$MON1]
 public addr = 127.0.0.1
 ms bind ipv6 = false
 auth cluster required = none
@@ -117,7 +123,7 @@ CEPH=(ceph -c "$CONF" --connect-timeout 10)
 
 say "starting in $D ($OBJECTSTORE)"
 ceph-authtool --create-keyring "$D/keyring" --gen-key -n mon. --cap mon 'allow *' >/dev/null
-monmaptool --create --fsid "$(sed -n 's/^fsid = //p' "$CONF")" --addv a "[v1:127.0.0.1:$MON]" "$D/monmap" >/dev/null
+monmaptool --create --fsid "$(sed -n 's/^fsid = //p' "$CONF")" --addv a "[v2:127.0.0.1:$MON2,v1:127.0.0.1:$MON1]" "$D/monmap" >/dev/null
 ceph-mon -c "$CONF" -i a --mkfs --monmap "$D/monmap" --keyring "$D/keyring"
 timeout "$TIMEOUT" ceph-mon -c "$CONF" -i a # forks once initialised
 started mon.a

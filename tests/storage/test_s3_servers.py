@@ -104,6 +104,19 @@ async def test_an_unfinished_multipart_upload_leaves_nothing_under_the_key(
 
 
 @pytest_twisted.ensureDeferred
+async def test_start_aborts_the_uploads_a_crash_left_behind(
+    make_s3_storage: StorageFactory, s3_server: S3Server, s3_bucket: str
+) -> None:
+    prefix = make_s3_storage()._prefix
+    key = f"{prefix}blobs/sha256/{'ab' * 32}"
+    s3_server.client().create_multipart_upload(Bucket=s3_bucket, Key=key)
+    await make_s3_storage().start()  # a fresh upload may be another instance's: kept
+    assert uploads_in_progress(s3_server, s3_bucket, prefix) == [key]
+    await make_s3_storage(stale_upload_age=0).start()
+    assert uploads_in_progress(s3_server, s3_bucket, prefix) == []
+
+
+@pytest_twisted.ensureDeferred
 async def test_two_instances_on_one_bucket_store_a_large_blob_once(
     make_s3_storage: StorageFactory, s3_server: S3Server, s3_bucket: str
 ) -> None:

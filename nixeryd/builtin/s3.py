@@ -512,28 +512,29 @@ class S3Storage:
         request.context["payload_sha256"] = payload_sha256
         _KnownPayloadSigner(self._credentials.current(), "s3", self._region).add_auth(request)
         signed = {name: [str(value)] for name, value in request.headers.items()}
-        producer: FileBodyProducer | None = None if isinstance(body, bytes) else body
-        if isinstance(body, bytes):
-            producer = (
-                FileBodyProducer(io.BytesIO(body), cooperator=self._cooperator) if body else None
-            )
+        producer: FileBodyProducer | None = None
+        if not isinstance(body, bytes):
+            producer = body
+        elif body:
+            producer = FileBodyProducer(io.BytesIO(body), cooperator=self._cooperator)
         sent: Deferred[Any] = self._http.request(
             method, url, headers=signed, data=producer, unbuffered=unbuffered
         )
 
-        def unreachable(failure: Failure) -> Failure:
-            if failure.check(S3Error):
-                return failure
-            what = f"{method} {self._where(key)}"
-            raise S3Error(f"S3 {what}: {failure.getErrorMessage()}", retryable=True)
+        return sent.addErrback(self._unreachable, method, key)
 
-        return sent.addErrback(unreachable)
+    def _unreachable(self, failure: Failure, method: str, key: str) -> Failure:
+        """A request that got no (whole) answer, as an S3Error worth retrying."""
+        if failure.check(S3Error):
+            return failure
+        what = f"{method} {self._where(key)}"
+        raise S3Error(f"S3 {what}: {failure.getErrorMessage()}", retryable=True)
 
     @inlineCallbacks
     def _call(self, method: str, key: str, **options: Any) -> Any:
         """:meth:`_send`, its body read: an :class:`_Answer`."""
         response = yield self._send(method, key, **options)
-        body = yield response.content()
+        body = yield response.content().addErrback(self._unreachable, method, key)
         return _Answer(response.code, response.headers, body)
 
     def _refused(self, what: str, key: str, answer: _Answer) -> S3Error:
@@ -541,6 +542,23 @@ class S3Storage:
         shown = f" {detail}" if detail else ""
         message = f"S3 {what} {self._where(key)}: HTTP {answer.status}{shown}"
         return S3Error(message, retryable=_retryable(answer.status, detail))
+
+    def _answered(
+        self, operation: str, method: str, key: str, accepted: tuple[int, ...], **options: Any
+    ) -> Deferred[Any]:
+        """The :class:`_Answer` to ``method`` on ``key``, if its status is ``accepted``;
+        tried again while it fails in a way worth retrying, then an S3Error naming
+        ``operation``."""
+
+        def attempt() -> Deferred[Any]:
+            def check(answer: _Answer) -> _Answer:
+                if answer.status not in accepted:
+                    raise self._refused(operation, key, answer)
+                return answer
+
+            return self._call(method, key, **options).addCallback(check)
+
+        return self._retrying(f"{operation} {key}", attempt)
 
     @inlineCallbacks
     def _retrying(self, what: str, attempt: Callable[[], Deferred[Any]]) -> Any:
@@ -678,11 +696,9 @@ class S3Storage:
     @inlineCallbacks
     def _stat(self, hex_digest: str) -> Any:
         key = self._blob_key(hex_digest)
-        answer = yield self._retrying(f"HEAD {key}", lambda: self._call("HEAD", key))
+        answer = yield self._answered("HEAD", "HEAD", key, (200, 404))
         if answer.status == 404:
             return None
-        if answer.status != 200:
-            raise self._refused("HEAD", key, answer)
         return self._info(hex_digest, answer)
 
     def _info(self, hex_digest: str, answer: _Answer) -> BlobInfo:
@@ -702,11 +718,9 @@ class S3Storage:
     @inlineCallbacks
     def _read(self, hex_digest: str) -> Any:
         key = self._blob_key(hex_digest)
-        answer = yield self._retrying(f"GET {key}", lambda: self._call("GET", key))
+        answer = yield self._answered("GET", "GET", key, (200, 404))
         if answer.status == 404:
             return None
-        if answer.status != 200:
-            raise self._refused("GET", key, answer)
         media_type = answer.header("content-type") or "application/octet-stream"
         return Blob(BlobInfo(f"sha256:{hex_digest}", len(answer.body), media_type), answer.body)
 
@@ -775,9 +789,7 @@ class S3Storage:
 
     @inlineCallbacks
     def _delete(self, key: str) -> Any:
-        answer = yield self._retrying(f"DELETE {key}", lambda: self._call("DELETE", key))
-        if answer.status not in (200, 204, 404):
-            raise self._refused("DELETE", key, answer)
+        yield self._answered("DELETE", "DELETE", key, (200, 204, 404))
 
     @inlineCallbacks
     def _list(self, prefix: str) -> Any:
@@ -788,11 +800,8 @@ class S3Storage:
             query = [("list-type", "2"), ("prefix", prefix)]
             if token is not None:
                 query.append(("continuation-token", token))
-            what = f"listing {prefix}"
-            answer = yield self._retrying(what, partial(self._call, "GET", "", query=query))
-            if answer.status != 200:
-                raise self._refused("ListObjectsV2", prefix, answer)
-            root = _parse(answer.body, what)
+            answer = yield self._answered("ListObjectsV2", "GET", "", (200,), query=query)
+            root = _parse(answer.body, f"listing {prefix}")
             keys += [_text(item, "Key") or "" for item in _children(root, "Contents")]
             token = _text(root, "NextContinuationToken")
             if _text(root, "IsTruncated") != "true" or not token:
@@ -824,14 +833,14 @@ class S3Storage:
     def _multipart(self, key: str, path: str, media_type: str, size: int) -> Any:
         """Upload the file in parts, then complete the upload create-only; abort on failure."""
         what = f"multipart upload of {key}"
-        answer = yield self._retrying(
-            what,
-            lambda: self._call(
-                "POST", key, query=[("uploads", "")], headers={"Content-Type": media_type}
-            ),
+        answer = yield self._answered(
+            "CreateMultipartUpload",
+            "POST",
+            key,
+            (200,),
+            query=[("uploads", "")],
+            headers={"Content-Type": media_type},
         )
-        if answer.status != 200:
-            raise self._refused("CreateMultipartUpload", key, answer)
         upload = _text(_parse(answer.body, what), "UploadId")
         if not upload:
             raise S3Error(f"S3 CreateMultipartUpload {self._where(key)}: no UploadId")
@@ -919,12 +928,8 @@ class S3Storage:
 
     @inlineCallbacks
     def _get_record(self, key: str) -> Any:
-        answer = yield self._retrying(f"GET {key}", lambda: self._call("GET", key))
-        if answer.status == 404:
-            return None
-        if answer.status != 200:
-            raise self._refused("GET", key, answer)
-        return answer.body
+        answer = yield self._answered("GET", "GET", key, (200, 404))
+        return None if answer.status == 404 else answer.body
 
     def put_record(self, name: str, data: bytes) -> Deferred[None]:
         try:

@@ -499,3 +499,12 @@ def test_an_endpoint_by_address_is_addressed_path_style(endpoint: str, url: str)
         secret_key="b",
     )
     assert storage.presigned_url("cd" * 32)[0].startswith(url + "cd" * 32 + "?")
+
+
+def test_a_server_error_is_retried(harness: Harness) -> None:
+    harness.settle(harness.storage.put_record("builds/x", b"kept"))
+    harness.s3.inject(503, "GET", times=s3.ATTEMPTS - 1)
+    assert harness.settle(harness.storage.get_record("builds/x")) == b"kept"
+    harness.s3.inject(500, "HEAD", times=s3.ATTEMPTS)
+    with pytest.raises(S3Error, match="HTTP 500"):
+        harness.settle(harness.storage.stat_blob("sha256:" + "0" * 64))

@@ -897,9 +897,13 @@ class S3Storage:
             # Another writer completed the same blob first; ours is not needed.
             yield self._abort(key, upload)
             return
-        # S3 may answer 200 and report an error in the body, after a long wait.
-        if answer.status != 200 or _local(_parse(answer.body, "completing").tag) == "Error":
+        if answer.status != 200:
             raise self._refused("CompleteMultipartUpload", key, answer)
+        # S3 may answer 200 and report an error in the body (its headers went out before
+        # the parts were assembled); AWS asks for a retry then.
+        if _error_detail(answer.body):
+            refused = self._refused("CompleteMultipartUpload", key, answer)
+            raise S3Error(refused.message, retryable=True)
 
     @inlineCallbacks
     def _abort(self, key: str, upload: str) -> Any:

@@ -210,8 +210,14 @@ class DrainingTreq:
 class Harness:
     """An S3Storage over a FakeS3, in memory; :meth:`settle` runs a call to its end."""
 
-    def __init__(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **options: Any) -> None:
-        self.s3 = FakeS3()
+    def __init__(
+        self,
+        tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch,
+        fake: FakeS3 | None = None,
+        **options: Any,
+    ) -> None:
+        self.s3 = fake or FakeS3()
         self.memory = MemoryHTTP(self.s3, monkeypatch)
         settings: dict[str, Any] = {
             "bucket": BUCKET,
@@ -508,3 +514,23 @@ def test_a_server_error_is_retried(harness: Harness) -> None:
     harness.s3.inject(500, "HEAD", times=s3.ATTEMPTS)
     with pytest.raises(S3Error, match="HTTP 500"):
         harness.settle(harness.storage.stat_blob("sha256:" + "0" * 64))
+
+
+def test_an_error_inside_a_200_from_complete_is_retried(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class SlowToFail(FakeS3):
+        failed = False
+
+        def _post(self, request: Any, key: str, query: dict[str, str], body: bytes) -> bytes:
+            if "uploadId" in query and not self.failed:
+                self.failed = True
+                return _xml("Error", Code="InternalError", Message="try again")
+            return super()._post(request, key, query, body)
+
+    harness = Harness(tmp_path, monkeypatch, fake=SlowToFail())
+    data = os.urandom(1001)
+    info = harness.stage(data)
+    assert harness.settle(harness.storage.read_blob(info.digest)).data == data
+    completes = [r for r in harness.s3.requests if r[0] == "POST" and "uploadId" in r[2]]
+    assert len(completes) == 2

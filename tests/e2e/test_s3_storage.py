@@ -49,3 +49,24 @@ def test_an_image_pulled_through_s3_runs_and_matches_filesystem_storage(
     assert headers["Location"].startswith(f"{seaweedfs.endpoint}/")
     with urllib.request.urlopen(headers["Location"], timeout=30) as response:
         assert "sha256:" + hashlib.sha256(response.read()).hexdigest() == layer["digest"]
+
+
+def test_a_proxying_daemon_streams_blobs_itself(
+    tmp_path: Path, seaweedfs: S3Server, nix_installation: NixInstallation | None
+) -> None:
+    environment = {**seaweedfs.environment(seaweedfs.new_bucket()), "NIXERYD_S3_PROXY": "true"}
+    proxying = Daemon(tmp_path / "proxying", **environment)
+    try:
+        rootfs = pull_and_unpack(proxying, "shell/hello", tmp_path)
+        assert in_chroot(rootfs, "/bin/hello") == "Hello, world!\n"
+        _, _, body = fetch(proxying, "/v2/shell/hello/manifests/latest", Accept=OCI_MANIFEST)
+        layer = max(json.loads(body)["layers"], key=lambda layer: layer["size"])
+        status, headers, data = fetch(proxying, f"/v2/shell/hello/blobs/{layer['digest']}")
+        assert (status, int(headers["Content-Length"])) == (200, layer["size"])
+        assert "sha256:" + hashlib.sha256(data).hexdigest() == layer["digest"]
+        status, _, part = fetch(
+            proxying, f"/v2/shell/hello/blobs/{layer['digest']}", Range="bytes=100-199"
+        )
+        assert (status, part) == (206, data[100:200])
+    finally:
+        proxying.stop()

@@ -166,3 +166,15 @@ async def test_an_unreachable_endpoint_is_a_start_up_error(
 ) -> None:
     with pytest.raises(ConfigError, match=r"cannot reach bucket .* at http://127.0.0.1:9"):
         await make_s3_storage(endpoint="http://127.0.0.1:9").start()
+
+
+@pytest_twisted.ensureDeferred
+async def test_without_keys_the_aws_credential_chain_is_used(
+    make_s3_storage: StorageFactory, s3_server: S3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret_key)
+    storage = make_s3_storage(access_key=None, secret_key=None)
+    await storage.start()
+    await storage.put_record("builds/chain", b"signed with the chain's keys")
+    assert await storage.get_record("builds/chain") == b"signed with the chain's keys"

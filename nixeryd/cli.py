@@ -132,6 +132,12 @@ def serve(options: Any) -> None:
     service.startService()
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)  # type: ignore[arg-type]
     reactor.run()  # type: ignore[misc]
+    if service.storage_failure is not None:
+        print(
+            f"nixeryd: storage backend did not start: {service.storage_failure.getErrorMessage()}",
+            file=sys.stderr,
+        )
+        sys.exit(1)
 
 
 #: Why ``nixeryd popcount --pkgs-path`` wrote nothing, and what the operator can do.

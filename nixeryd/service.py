@@ -18,7 +18,7 @@ from typing import Any
 from treq.client import HTTPClient
 from twisted.application.service import MultiService, Service
 from twisted.application.strports import service as endpoint_service
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -165,7 +165,7 @@ def _layer_pool_runner(reactor: Any, size: int) -> Callable[[Callable[[], Any]],
     return run
 
 
-def make_service(config: Config, reactor: Any, **overrides: Any) -> MultiService:
+def make_service(config: Config, reactor: Any, **overrides: Any) -> StorageFirst:
     """The daemon's service tree: storage, then one listening service per configured endpoint."""
     registry = make_registry(config, reactor, **overrides)
     site = RegistrySite(registry.resource(), registry.answers, access_log=config.access_log)
@@ -187,6 +187,9 @@ class StorageFirst(MultiService):
         super().__init__()
         self._storage = storage
         self._reactor = reactor
+        self._storage_running = False
+        #: Why storage did not start, for the command's exit status; None if it did.
+        self.storage_failure: Failure | None = None
 
     def startService(self) -> None:
         # Marks this service running without starting the children yet.
@@ -194,15 +197,22 @@ class StorageFirst(MultiService):
         self._storage.start().addCallbacks(self._storage_started, self._storage_failed)
 
     def _storage_started(self, _: None) -> None:
+        self._storage_running = True
         if self.running:
             for child in self:
                 child.startService()
 
     def _storage_failed(self, failure: Failure) -> None:
+        self.storage_failure = failure
         log.critical("storage backend did not start: {reason}", reason=failure.getErrorMessage())
-        if self._reactor.running:
-            self._reactor.stop()
+        # Start-up may fail before the reactor runs; stopping it then would be refused.
+        self._reactor.callWhenRunning(self._reactor.stop)
 
     def stopService(self) -> Deferred[None]:
-        stopped = super().stopService() or succeed(None)
+        Service.stopService(self)
+        stopping = [child.stopService() for child in reversed(list(self)) if child.running]
+        stopped = gatherResults([d for d in stopping if d is not None])
+        if not self._storage_running:
+            return stopped.addCallback(lambda _: None)
+        self._storage_running = False
         return stopped.addCallback(lambda _: self._storage.stop())

@@ -21,11 +21,11 @@ T = TypeVar("T")
 
 
 def builtin_plugins() -> tuple[object, ...]:
-    """The plugins nixeryd ships: filesystem and GCS storage, path, git and channel
+    """The plugins nixeryd ships: filesystem, S3 and GCS storage, path, git and channel
     sources, stable and popularity (Nixery's) layering."""
-    from nixeryd.builtin import filesystem, gcs, layering, sources, stable_layering
+    from nixeryd.builtin import filesystem, gcs, layering, s3, sources, stable_layering
 
-    return (filesystem, gcs, sources, stable_layering, layering)
+    return (filesystem, s3, gcs, sources, stable_layering, layering)
 
 
 def make_plugin_manager(

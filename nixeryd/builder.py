@@ -20,7 +20,8 @@ Caches, cheapest first:
   answered again without running Nix: for good for a pinned source (the same
   commit fails the same way), for ``failure_ttl`` seconds for a moving one, so
   that a HEAD after a failed GET and a client's retries do not rebuild. A
-  timeout is not remembered: a busy machine or a slow download may pass.
+  timeout is not remembered: a busy machine or a slow download may pass;
+  nor is a storage failure (a 5xx, such as an object store being down).
 
 A whole image is bounded by ``build_timeout`` (``NIXERYD_BUILD_TIMEOUT``): when
 it passes, the build's Deferred is cancelled, which kills the Nix command it
@@ -145,7 +146,9 @@ class ImageBuilder:
             built = yield self._bounded(self._built(image, tag, source, popularity), image)
         except RegistryError as error:
             self._record_error(image, tag, error)
-            if not isinstance(error, BuildTimedOut):
+            # Nix's verdict on the source is remembered; a timeout, or a 5xx (storage
+            # failing: the registry's own trouble), may pass, so is not.
+            if not isinstance(error, BuildTimedOut) and error.status < 500:
                 self._remember_failure(failure_key, source, error)
             raise
         if pin_key is not None:

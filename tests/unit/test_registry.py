@@ -7,8 +7,10 @@ import hashlib
 import json
 
 import pytest
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 
+from nixeryd.builtin.filesystem import FilesystemStorage
+from nixeryd.errors import RegistryError
 from nixeryd.manifest import (
     DOCKER_MANIFEST,
     DOCKER_MANIFEST_LIST,
@@ -403,3 +405,29 @@ def test_when_no_platform_builds_the_first_error_is_answered(
     response, body = registry.get("/v2/nope/manifests/latest")
     assert response.code == 404
     assert "nope" in json.loads(body)["errors"][0]["message"]
+
+
+def test_a_storage_failure_is_not_remembered(
+    registry_with: RegistryFactory, nix: FakeNix, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An object store being down is the registry's trouble and may pass: the next pull
+    builds again rather than getting the failure from memory."""
+
+    class StorageDown(RegistryError):
+        status = 502
+
+    down = [True]
+    put_record = FilesystemStorage.put_record
+
+    def failing_once(self: FilesystemStorage, name: str, data: bytes) -> Deferred[None]:
+        if down:
+            down.pop()
+            return fail(StorageDown("the bucket is unreachable"))
+        return put_record(self, name, data)
+
+    monkeypatch.setattr(FilesystemStorage, "put_record", failing_once)
+    registry = registry_with(*building(nix))
+    first, body = registry.get("/v2/hello/manifests/latest")
+    assert first.code == 502, body
+    again, body = registry.get("/v2/hello/manifests/latest")
+    assert again.code == 200, body

@@ -23,7 +23,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
-from twisted.web.client import Agent
+from twisted.web.client import Agent, HTTPConnectionPool
 
 from nixeryd.builder import ImageBuilder
 from nixeryd.config import Config
@@ -78,7 +78,7 @@ def make_registry(
     runtime = Runtime(
         config=config,
         reactor=reactor,
-        http=http or HTTPClient(Agent(reactor)),  # type: ignore[arg-type]
+        http=http or _http_client(reactor),
         processes=processes,
         run_in_thread=run_in_thread,
     )
@@ -138,6 +138,20 @@ def make_registry(
         compression=config.compression.key,
     )
     return RegistryApp(images, builder, storage, source)
+
+
+#: Idle connections kept per host: an object store is asked many small things at once
+#: (a pull of a large image stats dozens of blobs).
+HTTP_CONNECTIONS_PER_HOST = 16
+
+
+def _http_client(reactor: Any) -> HTTPClient:
+    """treq's client on a pool that keeps connections open: every request to an object
+    store would otherwise pay for a new connection, and a TLS handshake on AWS."""
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool.maxPersistentPerHost = HTTP_CONNECTIONS_PER_HOST
+    reactor.addSystemEventTrigger("before", "shutdown", pool.closeCachedConnections)
+    return HTTPClient(Agent(reactor, pool=pool))  # type: ignore[arg-type]
 
 
 def layer_pool_size(configured: int, cores: int | None = None) -> int:

@@ -162,6 +162,14 @@ def _redirect_status(text: str) -> int:
     return int(text)
 
 
+def _part_size(text: str) -> int:
+    """MiB, from S3's minimum part size up (a 5 GiB layer then takes 1,024 parts of 5 MiB)."""
+    mib = int(text)
+    if mib < 5:
+        raise ValueError("must be at least 5 (MiB): S3 refuses smaller parts")
+    return mib * 1024 * 1024
+
+
 def _prefix(text: str) -> str:
     """A key prefix as a folder: ``nixery`` and ``nixery/`` both give ``nixery/``."""
     prefix = text.strip().strip("/")
@@ -213,6 +221,13 @@ SETTINGS = (
     ),
     Setting(
         "prefix", "key prefix, to share a bucket", ("NIXERYD_S3_PREFIX",), parse=_prefix, default=""
+    ),
+    Setting(
+        "part_size",
+        "MiB per part of a multipart upload; layers larger than one part go up in parts",
+        ("NIXERYD_S3_PART_SIZE",),
+        parse=_part_size,
+        default=PART_SIZE,
     ),
     Setting(
         "staging_dir",
@@ -1170,6 +1185,8 @@ def _create(runtime: Runtime) -> Storage:
         proxy=settings["proxy"],
         prefix=settings["prefix"],
         staging_dir=settings["staging_dir"],
+        multipart_threshold=settings["part_size"],
+        part_size=settings["part_size"],
     )
 
 

@@ -7,6 +7,11 @@ The container engines run as private daemons under temp dirs, started and
 stopped by these tests. The test package set builds the same bytes for every
 platform; what is checked is the protocol and each platform's config.
 
+Every test runs twice, on filesystem storage and on S3 storage (a SeaweedFS
+bucket over plain HTTP). On S3 each client follows ``307`` redirects for the
+layers to presigned bucket URLs, and the test checks in the access log that
+it was redirected (see "Clients and redirects" in docs/storage.md).
+
 Run only these with ``scripts/test -m clients``; leave them out with
 ``-m "not clients"``.
 """
@@ -31,6 +36,7 @@ from nixeryd.manifest import DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_INDEX, O
 from tests.e2e.conftest import Daemon, require
 from tests.e2e.test_pull import fetch, in_chroot
 from tests.nixinstalls import NixInstallation
+from tests.s3servers import S3Server
 
 pytestmark = [pytest.mark.e2e, pytest.mark.clients]
 
@@ -40,16 +46,51 @@ GREETING = "Hello, world!\n"
 DOCKER_CLI = "/usr/bin/docker"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", params=["filesystem", "s3"])
 def registry(
-    tmp_path_factory: pytest.TempPathFactory, nix_installation: NixInstallation | None
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    nix_installation: NixInstallation | None,
 ) -> Iterator[Daemon]:
-    """One nixeryd building every image for linux/amd64 and linux/arm64."""
+    """One nixeryd building every image for linux/amd64 and linux/arm64, on each storage.
+
+    On S3 (a SeaweedFS bucket) the layers are not served by nixeryd: their GETs
+    are answered ``307`` to presigned bucket URLs, so every client test checks
+    too that the client follows a redirect to another host.
+    """
+    storage: dict[str, str] = {}
+    if request.param == "s3":
+        seaweedfs: S3Server = request.getfixturevalue("seaweedfs")
+        storage = seaweedfs.environment(seaweedfs.new_bucket())
     instance = Daemon(
-        tmp_path_factory.mktemp("matrix"), NIXERYD_PLATFORMS="linux/amd64,linux/arm64"
+        tmp_path_factory.mktemp(f"matrix-{request.param}"),
+        NIXERYD_PLATFORMS="linux/amd64,linux/arm64",
+        **storage,
     )
     yield instance
     instance.stop()
+
+
+def on_s3(registry: Daemon) -> bool:
+    return registry.environment["NIXERY_STORAGE_BACKEND"] == "s3"
+
+
+def check_blob_gets(registry: Daemon, since: int) -> None:
+    """Check the blob GETs in the log after offset ``since``: on S3, layers were redirected.
+
+    Every blob GET was answered (no client error, no 5xx); on S3 some with
+    ``307`` (the layers; configs are small, answered by nixeryd itself), which
+    the client followed, since its pull succeeded with the layers' bytes.
+    """
+    answers = [
+        line.split('"')[4].split()[0]
+        for line in registry.log()[since:].splitlines()
+        if line.count('"') >= 4 and line.split('"')[3].startswith("GET ")
+        and "/blobs/sha256:" in line.split('"')[3]
+    ]  # fmt: skip
+    assert answers, "no blob was fetched from the registry"
+    assert set(answers) <= {"200", "307"}, answers
+    assert ("307" in answers) == on_s3(registry), answers
 
 
 def platform_digests(registry: Daemon, name: str = IMAGE) -> dict[str, str]:
@@ -124,6 +165,7 @@ def oci_layout_config(layout: Path, tag: str) -> dict[str, Any]:
 
 
 def test_skopeo(registry: Daemon, tmp_path: Path) -> None:
+    log_start = len(registry.log())
     require("skopeo", "umoci")
     layout = tmp_path / "oci"
     source = f"docker://{registry.host}"
@@ -143,6 +185,8 @@ def test_skopeo(registry: Daemon, tmp_path: Path) -> None:
     assert (by_index["architecture"], by_index["variant"]) == ("arm64", "v8")
     assert copy(f"arm64/{IMAGE}", "arm-prefix")["architecture"] == "arm64"
 
+    check_blob_gets(registry, since=log_start)
+
 
 def test_skopeo_inspect_needs_no_extra_flags(registry: Daemon) -> None:
     require("skopeo")
@@ -156,6 +200,7 @@ def test_skopeo_inspect_needs_no_extra_flags(registry: Daemon) -> None:
 
 
 def test_podman(registry: Daemon, tmp_path: Path) -> None:
+    log_start = len(registry.log())
     require("podman")
     conf = tmp_path / "storage.conf"
     conf.write_text(
@@ -186,6 +231,8 @@ def test_podman(registry: Daemon, tmp_path: Path) -> None:
     assert pull(f"{IMAGE}@{digests['amd64']}")["Id"] == tagged["Id"]
     assert pull(IMAGE, "--arch", "arm64")["Architecture"] == "arm64"
     assert pull(f"arm64/{IMAGE}")["Architecture"] == "arm64"
+
+    check_blob_gets(registry, since=log_start)
 
 
 # -- containerd ------------------------------------------------------------------------
@@ -219,6 +266,8 @@ def containerd() -> Iterator[str]:
 
 
 def test_containerd(registry: Daemon, containerd: str) -> None:
+    log_start = len(registry.log())
+
     def ctr(*argv: str) -> str:
         return run("ctr", "-a", containerd, *argv)
 
@@ -253,6 +302,8 @@ def test_containerd(registry: Daemon, containerd: str) -> None:
     assert f"HEAD /v2/{IMAGE}/manifests/latest HTTP/1.1" in seen
     assert any(line.startswith(f"GET /v2/{IMAGE}/manifests/sha256:") for line in seen)
 
+    check_blob_gets(registry, since=log_start)
+
 
 # -- the Docker engine -----------------------------------------------------------------
 
@@ -284,6 +335,8 @@ def dockerd() -> Iterator[list[str]]:
 
 
 def test_docker_engine(registry: Daemon, dockerd: list[str]) -> None:
+    log_start = len(registry.log())
+
     def docker(*argv: str) -> str:
         return run(*dockerd, *argv)
 
@@ -308,11 +361,14 @@ def test_docker_engine(registry: Daemon, dockerd: list[str]) -> None:
     assert f"HEAD /v2/{IMAGE}/manifests/latest HTTP/1.1" in seen
     assert any(line.startswith(f"GET /v2/{IMAGE}/manifests/sha256:") for line in seen)
 
+    check_blob_gets(registry, since=log_start)
+
 
 # -- a Python client: the PyPI oras package --------------------------------------------
 
 
 def test_oras_python_client(registry: Daemon, tmp_path: Path) -> None:
+    log_start = len(registry.log())
     import oras.client
 
     client = oras.client.OrasClient(hostname=registry.host, insecure=True)
@@ -348,6 +404,8 @@ def test_oras_python_client(registry: Daemon, tmp_path: Path) -> None:
         f"{registry.host}/arm64/{IMAGE}:latest", allowed_media_type=[OCI_MANIFEST]
     )
     assert config_of(by_prefix, f"arm64/{IMAGE}")["architecture"] == "arm64"
+
+    check_blob_gets(registry, since=log_start)
 
 
 # -- a platform without a builder ------------------------------------------------------

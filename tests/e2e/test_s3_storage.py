@@ -48,7 +48,22 @@ def test_an_image_pulled_through_s3_runs_and_matches_filesystem_storage(
     assert status == 307
     assert headers["Location"].startswith(f"{seaweedfs.endpoint}/")
     with urllib.request.urlopen(headers["Location"], timeout=30) as response:
-        assert "sha256:" + hashlib.sha256(response.read()).hexdigest() == layer["digest"]
+        data = response.read()
+    assert "sha256:" + hashlib.sha256(data).hexdigest() == layer["digest"]
+
+    # HEAD is answered by nixeryd from the blob's info: clients check for a blob
+    # without being sent to the bucket.
+    status, headed, _ = fetch(s3_daemon, f"/v2/shell/hello/blobs/{layer['digest']}", "HEAD")
+    assert (status, int(headed["Content-Length"])) == (200, layer["size"])
+    assert headed["Docker-Content-Digest"] == layer["digest"]
+    # A ranged GET (the Docker engine resumes an interrupted layer so) is redirected too; the
+    # client's Range, sent on to the presigned URL, is honoured there: it is not signed.
+    path = f"/v2/shell/hello/blobs/{layer['digest']}"
+    status, ranged, _ = fetch(s3_daemon, path, Range="bytes=100-199")
+    assert (status, ranged["Location"]) == (307, headers["Location"])
+    part = urllib.request.Request(ranged["Location"], headers={"Range": "bytes=100-199"})
+    with urllib.request.urlopen(part, timeout=30) as response:
+        assert (response.status, response.read()) == (206, data[100:200])
 
 
 def test_a_proxying_daemon_streams_blobs_itself(

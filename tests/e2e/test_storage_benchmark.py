@@ -2,9 +2,9 @@
 
 It checks that the benchmark runs against a real SeaweedFS and prints its
 tables, not how fast anything is (speed is measured by the benchmark, not
-asserted). Its reference tools (wrk, Debian's docker-registry) are installed
-by scripts/setup, s3transfer by ``benchmarks/storage``; a part whose tools are
-missing is skipped.
+asserted). Its reference tools are installed by scripts/setup: wrk and
+Debian's docker-registry, and s3transfer with the test extras; a part whose
+tools are missing is skipped.
 """
 
 from __future__ import annotations

@@ -106,10 +106,9 @@ class FileBlobResource(Resource):
         self._info = info
 
     def render(self, request: Request) -> bytes | int:
-        if request.method not in (b"GET", b"HEAD"):
-            method = request.method.decode(errors="replace")
-            request.setHeader(b"allow", b"GET, HEAD")
-            return error_body(request, Unsupported(f"{method} of a blob is not supported"))
+        refused = refused_method(request)
+        if refused is not None:
+            return refused
         try:
             file = self._open_file()
         except FileNotFoundError:
@@ -144,6 +143,19 @@ class FileBlobResource(Resource):
         else:
             _SocketBody(request, transport, file, offset, length).start()
         return NOT_DONE_YET
+
+
+def refused_method(request: Request) -> bytes | None:
+    """The error to answer a method other than GET and HEAD with, or None for those two.
+
+    The registry routes only GET and HEAD to a blob, but a resource may be
+    mounted elsewhere (a plugin's own site, a test).
+    """
+    if request.method in (b"GET", b"HEAD"):
+        return None
+    method = request.method.decode(errors="replace")
+    request.setHeader(b"allow", b"GET, HEAD")
+    return error_body(request, Unsupported(f"{method} of a blob is not supported"))
 
 
 def error_body(request: Request, error: RegistryError) -> bytes:

@@ -1,7 +1,7 @@
 """Image names: the package list a registry repository name stands for.
 
 ``shell/git/htop`` is an image of the packages ``git`` and ``htop`` plus the
-``shell`` meta-package. The rules are Nixery's (see NIXERY.md):
+``shell`` meta-package. The rules are Nixery's:
 
 * the packages are sorted, so ``git/htop`` and ``htop/git`` are one image;
 * meta-packages are recognised only at the front of the name: ``shell`` adds

@@ -55,7 +55,13 @@ exception is a server error, logged.
 
 from __future__ import annotations
 
-from nixeryd.blobserving import FileBlobResource, blob_headers, error_body, requested_range
+from nixeryd.blobserving import (
+    FileBlobResource,
+    blob_headers,
+    error_body,
+    refused_method,
+    requested_range,
+)
 from nixeryd.blobserving import Request as BlobRequest
 from nixeryd.closure import ClosureGraph
 from nixeryd.config import Config, ConfigError
@@ -135,5 +141,6 @@ __all__ = [
     "parse_boolean",
     "parse_duration",
     "record_parts",
+    "refused_method",
     "requested_range",
 ]

@@ -2,7 +2,7 @@
 
 Routes map to the builder and storage; every failure is a registry error
 rendered as ``{"errors": [...]}`` JSON with the spec's code, never a
-traceback. See REGISTRY.md for what real clients require of each route.
+traceback. The README's "Remote clients" and "Errors" sections say what clients get.
 """
 
 from __future__ import annotations

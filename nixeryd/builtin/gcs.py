@@ -55,10 +55,10 @@ from twisted.web.client import ResponseDone, ResponseFailed
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET
 
-from nixeryd.blobserving import Request, error_body, requested_range
+from nixeryd.blobserving import Request, error_body, refused_method, requested_range
 from nixeryd.builtin import gcsauth
 from nixeryd.config import ConfigError
-from nixeryd.errors import BlobUnknown, DigestInvalid, RangeNotSatisfiable, Unsupported
+from nixeryd.errors import BlobUnknown, DigestInvalid, RangeNotSatisfiable
 from nixeryd.hookspecs import hookimpl
 from nixeryd.runtime import Provider, Runtime, ThreadRunner
 from nixeryd.settings import Setting, parse_boolean, parse_duration
@@ -632,10 +632,9 @@ class _ProxiedBlobResource(Resource):
         self._info = info
 
     def render(self, request: Request) -> bytes | int:
-        if request.method not in (b"GET", b"HEAD"):
-            method = request.method.decode(errors="replace")
-            request.setHeader(b"allow", b"GET, HEAD")
-            return error_body(request, Unsupported(f"{method} of a blob is not supported"))
+        refused = refused_method(request)
+        if refused is not None:
+            return refused
         size = self._info.size
         etag = f'"{self._info.digest}"'
         request.setHeader(b"accept-ranges", b"bytes")

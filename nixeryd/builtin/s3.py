@@ -88,14 +88,13 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET
 
-from nixeryd.blobserving import Request, blob_headers, error_body, requested_range
+from nixeryd.blobserving import Request, blob_headers, error_body, refused_method, requested_range
 from nixeryd.config import ConfigError
 from nixeryd.errors import (
     BlobUnknown,
     DigestInvalid,
     RangeNotSatisfiable,
     RegistryError,
-    Unsupported,
 )
 from nixeryd.hookspecs import hookimpl
 from nixeryd.runtime import Provider, Runtime, ThreadRunner
@@ -1065,10 +1064,9 @@ class _ProxiedBlob(Resource):
 
     def render(self, request: Request) -> bytes | int:
         info = self._info
-        if request.method not in (b"GET", b"HEAD"):
-            method = request.method.decode(errors="replace")
-            request.setHeader(b"allow", b"GET, HEAD")
-            return error_body(request, Unsupported(f"{method} of a blob is not supported"))
+        refused = refused_method(request)
+        if refused is not None:
+            return refused
         etag = f'"{info.digest}"'
         try:
             byte_range = requested_range(request, info.size, etag)

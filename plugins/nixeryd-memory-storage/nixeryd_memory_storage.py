@@ -45,11 +45,11 @@ from nixeryd.plugin import (
     Setting,
     Storage,
     ThreadRunner,
-    Unsupported,
     digest_hex,
     error_body,
     hookimpl,
     record_parts,
+    refused_method,
     requested_range,
 )
 
@@ -254,9 +254,9 @@ class _MemoryBlobResource(Resource):
         self._info = info
 
     def render(self, request: BlobRequest) -> bytes:
-        if request.method not in (b"GET", b"HEAD"):
-            request.setHeader(b"allow", b"GET, HEAD")
-            return error_body(request, Unsupported("only GET and HEAD of a blob"))
+        refused = refused_method(request)
+        if refused is not None:
+            return refused
         stored = self._lookup()
         if stored is None:
             return error_body(request, BlobUnknown(f"blob {self._info.digest} is not stored"))

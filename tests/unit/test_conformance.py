@@ -1,5 +1,5 @@
 """Protocol conformance: every route and status of the pull side of the distribution spec
-(REGISTRY.md), odd requests included, answered with the spec's codes.
+(OCI distribution spec v1.1), odd requests included, answered with the spec's codes.
 
 In memory, against the real klein resource and storage with a fake Nix; the
 socket-level cases (bodies on keep-alive connections, TLS probes) are in

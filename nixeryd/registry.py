@@ -22,6 +22,7 @@ from twisted.python.failure import Failure
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request
 from werkzeug.exceptions import MethodNotAllowed, NotFound
+from werkzeug.routing import RequestRedirect
 
 from nixeryd.answers import SERVER, Answers, render
 from nixeryd.blobserving import blob_headers
@@ -30,6 +31,7 @@ from nixeryd.errors import (
     BlobUnknown,
     DigestInvalid,
     ManifestUnknown,
+    NameInvalid,
     RegistryError,
     TagInvalid,
     Unsupported,
@@ -68,6 +70,9 @@ class RegistryApp:
     (for its recent errors), storage and the package source."""
 
     app = Klein()
+    # A repository name never has an empty component: "/v2//etc/passwd/..." is a bad name
+    # (NAME_INVALID), not a redirect to "/v2/etc/passwd/...".
+    app.url_map.merge_slashes = False
     log = Logger()
 
     def __init__(
@@ -268,14 +273,13 @@ class RegistryApp:
 
     @app.handle_errors(NotFound)
     def not_found(self, request: Request, failure: Failure) -> bytes:
-        if request.method not in (b"GET", b"HEAD"):
-            # A push (POST .../blobs/uploads/, PATCH, PUT ...) or a delete.
-            return _pull_only(request)
-        error = Unsupported(
-            f"{request.path.decode('latin-1')!r} is not a registry endpoint nixeryd serves"
-        )
-        request.setResponseCode(404)
-        return _json(request, error.as_json())
+        return _not_an_endpoint(request)
+
+    @app.handle_errors(RequestRedirect)
+    def redirect(self, request: Request, failure: Failure) -> bytes:
+        """werkzeug's canonical-URL redirects (a missing trailing slash): a registry client
+        asks for the paths the spec names, so anything else is not an endpoint."""
+        return _not_an_endpoint(request)
 
     @app.handle_errors(MethodNotAllowed)
     def method_not_allowed(self, request: Request, failure: Failure) -> bytes:
@@ -296,6 +300,17 @@ def _json(request: Request, document: Any) -> bytes:
     request.setHeader(b"Content-Type", b"application/json")
     request.setHeader(b"Content-Length", str(len(body)).encode())
     return body
+
+
+def _not_an_endpoint(request: Request) -> bytes:
+    if request.method not in (b"GET", b"HEAD"):
+        # A push (POST .../blobs/uploads/, PATCH, PUT ...) or a delete.
+        return _pull_only(request)
+    error = Unsupported(
+        f"{request.path.decode('latin-1')!r} is not a registry endpoint nixeryd serves"
+    )
+    request.setResponseCode(404)
+    return _json(request, error.as_json())
 
 
 def _pull_only(request: Request) -> bytes:
@@ -330,6 +345,14 @@ class _WithApiVersion(Resource):
     def render(self, request: Request) -> Any:
         request.setHeader(b"Docker-Distribution-API-Version", API_VERSION)
         request.setHeader(b"Server", SERVER)
+        try:
+            # What klein decodes to route by; it answers a path that is not UTF-8 with an
+            # HTML page and logs a traceback.
+            b"/".join(request.postpath or []).decode("utf-8")
+        except UnicodeDecodeError:
+            request.setResponseCode(400)
+            error = NameInvalid("the request path, once percent-decoded, is not UTF-8")
+            return _json(request, error.as_json())
         answer = self._answers.answer(request)
         if answer is not None:
             return answer

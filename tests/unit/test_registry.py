@@ -264,6 +264,13 @@ def test_timeouts_are_not_remembered(registry_with: RegistryFactory, nix: FakeNi
         ("/v2/hello/blobs/sha256:../../etc/passwd", 404, "UNSUPPORTED"),
         ("/v2/hello/blobs/sha256:..", 400, "DIGEST_INVALID"),
         ("/v2/hello/nonsense", 404, "UNSUPPORTED"),
+        # werkzeug would redirect these (merged slashes, an added one) and, unhandled, 500.
+        ("/v2//etc/passwd/manifests/latest", 404, "UNSUPPORTED"),
+        ("/v2/hello//manifests/latest", 400, "NAME_INVALID"),
+        ("/v2/hello%2f%2fetc/manifests/latest", 400, "NAME_INVALID"),
+        ("/v2/hello/tags/list/", 404, "UNSUPPORTED"),
+        ("/v2/%ff/manifests/latest", 400, "NAME_INVALID"),
+        ("/v2/hello/blobs/%c0%af", 400, "NAME_INVALID"),
     ],
 )
 def test_bad_requests_get_registry_errors(

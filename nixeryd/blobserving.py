@@ -30,6 +30,10 @@ from nixeryd.errors import BlobUnknown, RangeNotSatisfiable, RegistryError, Unsu
 from nixeryd.storage import BlobInfo
 
 _RANGE = re.compile(rb"\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*", re.IGNORECASE)
+#: Positions in a Range with more digits than this are past the end of any blob (10^18
+#: bytes is an exabyte), and Python refuses to parse more than 4,300 digits.
+_MAX_POSITION_DIGITS = 18
+_BEYOND_ANY_BLOB: int = 10**_MAX_POSITION_DIGITS
 
 # How much of a blob is read per pull of the HTTP consumer: memory stays bounded (one
 # chunk per response in flight: 25 MB for 100 downloads), while each pull, a Python
@@ -172,6 +176,10 @@ def requested_range(request: Request, size: int, etag: str) -> tuple[int, int] |
     syntax, an ``If-Range`` that is not this blob's ETag) is ignored, as RFC
     9110 section 14.2 asks. Raises RangeNotSatisfiable for a range that starts
     past the end, a zero-length suffix, or any range of an empty blob.
+    A position of any length is read: one past every blob's end (say 5,000
+    digits) is past this one's, so a start there is unsatisfiable (416) and
+    an end or suffix there takes the rest of the blob, as RFC 9110 says of
+    any position past the end.
     """
     values = request.requestHeaders.getRawHeaders(b"range")
     if values is None or len(values) != 1:
@@ -184,19 +192,29 @@ def requested_range(request: Request, size: int, etag: str) -> tuple[int, int] |
         return None
     first, last = match.group(1), match.group(2)
     if first:
-        start = int(first)
-        end = int(last) + 1 if last else size
+        start = _position(first)
+        end = _position(last) + 1 if last else size
         if last and end <= start:
             return None  # last-pos < first-pos: not a valid range-spec
         if start >= size:
-            raise RangeNotSatisfiable(f"range starts at {start}, past the blob's {size} bytes")
+            at = "far" if start == _BEYOND_ANY_BLOB else f"at {start},"
+            raise RangeNotSatisfiable(f"range starts {at} past the blob's {size} bytes")
         return start, min(end, size)
     if not last:
         return None  # "bytes=-"
-    suffix = int(last)
+    suffix = _position(last)
     if suffix == 0 or size == 0:
         raise RangeNotSatisfiable(f"suffix range of {suffix} bytes of a {size}-byte blob")
     return max(size - suffix, 0), size
+
+
+def _position(digits: bytes) -> int:
+    """A Range position; :data:`_BEYOND_ANY_BLOB` for one with more than 18 digits, which
+    Python would refuse to parse from 4,300 on."""
+    significant = digits.lstrip(b"0")
+    if len(significant) > _MAX_POSITION_DIGITS:
+        return _BEYOND_ANY_BLOB
+    return int(significant or b"0")
 
 
 @implementer(IPullProducer)

@@ -381,6 +381,10 @@ def test_head_has_headers_and_no_body(http: BlobClient, info: BlobInfo) -> None:
         ("bytes=-5000", 0, 1024),
         ("bytes=1023-1023", 1023, 1024),
         ("BYTES = 5 - 6", 5, 7),
+        # Positions of any length (Python parses at most 4,300 digits): past every end.
+        ("bytes=0-" + "9" * 5000, 0, 1024),
+        ("bytes=-" + "9" * 5000, 0, 1024),
+        ("bytes=" + "0" * 5000 + "5-6", 5, 7),
     ],
 )
 def test_single_range_is_partial_content(
@@ -404,7 +408,16 @@ def test_head_with_range(http: BlobClient, info: BlobInfo) -> None:
     assert reply.header("Content-Range") == f"bytes 0-9/{len(DATA)}"
 
 
-@pytest.mark.parametrize("range_", ["bytes=1024-", "bytes=5000-6000", "bytes=-0"])
+@pytest.mark.parametrize(
+    "range_",
+    [
+        "bytes=1024-",
+        "bytes=5000-6000",
+        "bytes=-0",
+        "bytes=" + "9" * 5000 + "-",
+        "bytes=" + "9" * 19 + "-",
+    ],
+)
 def test_unsatisfiable_range_is_416(http: BlobClient, info: BlobInfo, range_: str) -> None:
     reply = http.fetch(info, headers={"Range": range_})
     code, body = reply.code, reply.body

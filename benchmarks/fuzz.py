@@ -396,6 +396,7 @@ def _exchange(
                 fig.note("outside storage", case)
             if case.dotdot and response.status == 200:
                 fig.dotdot_200 += 1
+                fig.note("'..' answered 200", case)
             if response.will_close:
                 return
 

@@ -253,9 +253,11 @@ class RegistryApp:
             tags = [tag for tag in tags if tag > last]
         count = _arg(request, b"n")
         if count is not None:
-            if not count.isdigit():
+            if not (count.isascii() and count.isdigit()):
                 raise PaginationInvalid(f"n={count!r} must be a non-negative integer")
-            limit = int(count)
+            # More than 18 digits is more tags than any source has (and Python refuses
+            # to parse over 4,300 digits).
+            limit = int(count) if len(count.lstrip("0")) <= 18 else len(tags)
             if limit < len(tags):
                 tags = tags[:limit]
                 if tags:

@@ -310,6 +310,9 @@ def test_tags_list_paginates(registry_with: RegistryFactory) -> None:
     assert json.loads(body)["tags"] == []
     response, body = registry.get("/v2/hello/tags/list?n=x")
     assert response.code == 400
+    assert registry.get("/v2/hello/tags/list?n=%C2%B2")[0].code == 400  # a digit int() refuses
+    response, body = registry.get("/v2/hello/tags/list?n=" + "9" * 5000)
+    assert json.loads(body)["tags"] == ["latest"]
 
 
 def test_get_with_a_body_is_answered(registry_with: RegistryFactory) -> None:

@@ -188,7 +188,7 @@ class RegistryApp:
         if info.size <= SMALL_BLOB_SIZE and not request.requestHeaders.hasHeader(b"range"):
             blob = yield self._storage.read_blob(digest)
             if blob is None:
-                self._blob_infos.pop(digest, None)
+                self._blob_lost(digest)
                 raise unknown
             headers = blob_headers(blob.info)
             self._answers.remember(request, headers, blob.data, by_accept=False)
@@ -206,7 +206,26 @@ class RegistryApp:
                 )
             request.setResponseCode(answer.status)
             return render(request, redirect, b"")
+
+        def answered(_: object) -> None:
+            if request.code == BlobUnknown.status:
+                self._blob_lost(digest)
+
+        request.notifyFinish().addBoth(answered)
         return answer
+
+    def _blob_lost(self, digest: str) -> None:
+        """A blob storage described is gone or was found damaged (and taken away) while
+        serving it: forget what leads clients to it, so that the next pull of an image
+        naming it builds the image again, which writes the blob again.
+
+        Only a blob known a moment ago counts (a client's unknown digest changes
+        nothing); that is rare, so every remembered answer goes, not just those
+        naming it (an index names it only through its manifests).
+        """
+        self._blob_infos.pop(digest, None)
+        self._answers.clear()
+        self._images.forget_blob(digest)
 
     @inlineCallbacks
     def _blob_info(self, digest: str) -> Any:
@@ -263,6 +282,10 @@ class RegistryApp:
     @app.handle_errors(RegistryError)
     def registry_error(self, request: Request, failure: Failure) -> bytes:
         error = cast(RegistryError, failure.value)
+        if error.status >= 500:
+            # The registry's own trouble (storage failing): the operator's to fix, so
+            # logged, once per request and without a traceback (the message names it).
+            self.log.error("{path}: {message}", path=request.path, message=error.message)
         request.setResponseCode(error.status)
         return _json(request, error.as_json())
 

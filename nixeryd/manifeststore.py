@@ -60,6 +60,8 @@ class ManifestStore:
         self._compression = compression
         self._local: OrderedDict[str, BuiltImage] = OrderedDict()
         self._indexes: OrderedDict[tuple[str, ...], Mapping[str, StoredManifest]] = OrderedDict()
+        #: Blob digest -> the keys of the images in memory whose manifests name it.
+        self._naming: dict[str, set[str]] = {}
 
     @inlineCallbacks
     def write(
@@ -106,20 +108,20 @@ class ManifestStore:
         self._keep_local(key, built)
         return built
 
-    def forget_blob(self, digest: str) -> None:
+    def forget_blob(self, digest: str) -> bool:
         """Drop the images (and their indexes) naming ``digest`` from memory, so that
-        the next request reads their records again and finds the blob gone."""
-        needle = digest.encode()
-        dropped = {
-            key
-            for key, built in self._local.items()
-            if any(needle in manifest.data for manifest in built.manifests.values())
-        }
-        gone = {self._local[key].manifests["docker"].digest for key in dropped}
-        for key in dropped:
-            del self._local[key]
+        the next request reads their records again and finds the blob gone; whether
+        any did. A digest no image names costs a dictionary lookup."""
+        keys = self._naming.pop(digest, set())
+        gone = set()
+        for key in keys:
+            built = self._local.pop(key, None)
+            if built is not None:
+                self._unname(key, built)
+                gone.add(built.manifests["docker"].digest)
         for index_key in [key for key in self._indexes if gone.intersection(key)]:
             del self._indexes[index_key]
+        return bool(keys)
 
     @inlineCallbacks
     def remember(self, key: str, built: BuiltImage) -> Any:
@@ -158,10 +160,22 @@ class ManifestStore:
         return indexes
 
     def _keep_local(self, key: str, built: BuiltImage) -> None:
+        previous = self._local.pop(key, None)
+        if previous is not None:
+            self._unname(key, previous)
         self._local[key] = built
-        self._local.move_to_end(key)
+        for digest in _blobs_named(built.manifests.values()):
+            self._naming.setdefault(digest, set()).add(key)
         while len(self._local) > LOCAL_MANIFEST_CACHE_SIZE:
-            self._local.popitem(last=False)
+            self._unname(*self._local.popitem(last=False))
+
+    def _unname(self, key: str, built: BuiltImage) -> None:
+        for digest in _blobs_named(built.manifests.values()):
+            keys = self._naming.get(digest)
+            if keys is not None:
+                keys.discard(key)
+                if not keys:
+                    del self._naming[digest]
 
 
 def _blobs_named(manifests: Iterable[StoredManifest]) -> list[str]:

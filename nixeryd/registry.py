@@ -182,6 +182,7 @@ class RegistryApp:
             raise unknown
         info = yield self._blob_info(digest)
         if info is None:
+            self._blob_lost(digest)
             raise unknown
         if request.method == b"HEAD":
             return render(request, blob_headers(info), b"")
@@ -215,17 +216,18 @@ class RegistryApp:
         return answer
 
     def _blob_lost(self, digest: str) -> None:
-        """A blob storage described is gone or was found damaged (and taken away) while
-        serving it: forget what leads clients to it, so that the next pull of an image
-        naming it builds the image again, which writes the blob again.
+        """A blob is not in storage, or was found damaged (and taken away) while serving
+        it: forget what leads clients to it, so that the next pull of an image naming
+        it builds the image again, which writes the blob again.
 
-        Only a blob known a moment ago counts (a client's unknown digest changes
-        nothing); that is rare, so every remembered answer goes, not just those
-        naming it (an index names it only through its manifests).
+        A client's unknown digest changes nothing (no image in memory names it, and
+        finding that out is a dictionary lookup). Losing a blob is rare, so every
+        remembered answer goes, not just those naming it (an index names it only
+        through its manifests).
         """
-        self._blob_infos.pop(digest, None)
-        self._answers.clear()
-        self._images.forget_blob(digest)
+        known = self._blob_infos.pop(digest, None) is not None
+        if self._images.forget_blob(digest) or known:
+            self._answers.clear()
 
     @inlineCallbacks
     def _blob_info(self, digest: str) -> Any:

@@ -22,10 +22,11 @@ T = TypeVar("T")
 
 def builtin_plugins() -> tuple[object, ...]:
     """The plugins nixeryd ships: filesystem, S3 and GCS storage, path, git and channel
-    sources, stable and popularity (Nixery's) layering."""
-    from nixeryd.builtin import filesystem, gcs, layering, s3, sources, stable_layering
+    sources, stable and popularity (Nixery's) layering, htpasswd, token and JWKS
+    authentication."""
+    from nixeryd.builtin import auth, filesystem, gcs, layering, s3, sources, stable_layering
 
-    return (filesystem, s3, gcs, sources, stable_layering, layering)
+    return (filesystem, s3, gcs, sources, stable_layering, layering, auth)
 
 
 def make_plugin_manager(
@@ -55,6 +56,9 @@ class Plugins:
 
     def layering_strategy(self, name: str) -> Provider[Any]:
         return _choose("layering strategy", name, self._hook.nixeryd_layering_strategies())
+
+    def authenticator(self, name: str) -> Provider[Any]:
+        return _choose("authentication provider", name, self._hook.nixeryd_authenticators())
 
     def image_built(self, image: str, tag: str, digest: str, seconds: float) -> None:
         self._hook.nixeryd_image_built(image=image, tag=tag, digest=digest, seconds=seconds)

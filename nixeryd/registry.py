@@ -7,6 +7,7 @@ traceback. The README's "Remote clients" and "Errors" sections say what clients 
 
 from __future__ import annotations
 
+import hashlib
 import html
 import json
 import re
@@ -24,6 +25,7 @@ from twisted.web.server import Request
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from nixeryd.answers import SERVER, Answers, render
+from nixeryd.auth import Gate, Identity, gated
 from nixeryd.blobserving import blob_headers
 from nixeryd.builder import ImageBuilder
 from nixeryd.errors import (
@@ -76,8 +78,13 @@ class RegistryApp:
         builder: ImageBuilder,
         storage: Storage,
         source: PackageSource,
+        gate: Gate | None = None,
     ) -> None:
+        """``gate`` is the site's authentication policy; None: no authentication."""
         self._images = images
+        self._gate = gate
+        #: Names (and tags) known to be built, under the ``builds`` policy (see _may_build).
+        self._built_names: OrderedDict[str, None] = OrderedDict()
         self._builder = builder
         self._storage = storage
         self._source = source
@@ -97,7 +104,12 @@ class RegistryApp:
     def resource(self) -> IResource:
         """The root resource: the routes, with the API version header on every response,
         and remembered answers served before routing."""
-        return cast(IResource, _WithApiVersion(self.app.resource(), self._answers))
+        return cast(IResource, _WithApiVersion(self.app.resource(), self._answers, self._gate))
+
+    @property
+    def gate(self) -> Gate | None:
+        """The authentication policy, for the HTTP channel to apply to remembered answers."""
+        return self._gate
 
     @app.route("/", methods=["GET", "HEAD"])
     def index(self, request: Request) -> bytes:
@@ -138,7 +150,7 @@ class RegistryApp:
             manifest = yield self._manifest_by_digest(reference)
             immutable = True
         else:
-            manifest, immutable = yield self._manifest_by_tag(request, image, reference)
+            manifest, immutable = yield self._manifest_by_tag(request, name, image, reference)
         headers = [
             (b"Content-Type", manifest.media_type.encode()),
             (b"Content-Length", str(len(manifest.data)).encode()),
@@ -152,16 +164,54 @@ class RegistryApp:
         return render(request, headers, manifest.data)
 
     @inlineCallbacks
-    def _manifest_by_tag(self, request: Request, image: ImageName, tag: str) -> Any:
+    def _manifest_by_tag(self, request: Request, name: str, image: ImageName, tag: str) -> Any:
         if not is_valid_tag(tag):
             raise TagInvalid(
                 f"{tag!r} is not a valid tag (letters, digits, '_', '.', '-'; at most 128)"
             )
+        identity: Identity | None = getattr(request, "identity", None)
+        if identity is not None and self._gate is not None and self._gate.policy == "builds":
+            yield self._may_build(request, name, tag, identity)
         tagged = yield self._images.tagged(image, tag)
+        if identity is not None and not identity.anonymous:
+            yield self._note_built(f"{name}:{tag}")
         accept = request.requestHeaders.getRawHeaders(b"accept", [])
         # Caches between client and registry must key a tag's answer by Accept.
         request.setHeader(b"Vary", b"Accept")
         return tagged.answer(choose(accept, multi_platform=bool(tagged.indexes))), tagged.pinned
+
+    @inlineCallbacks
+    def _may_build(self, request: Request, name: str, tag: str, identity: Identity) -> Any:
+        """Under the ``builds`` policy, an anonymous client gets a tag's manifest only if an
+        authenticated pull of the same name and tag succeeded before (a record in storage,
+        so it holds across restarts and instances); otherwise 401: it may be a new build.
+        Decided here, before the fan-out is asked, so that no Nix runs for it."""
+        named = f"{name}:{tag}"
+        if not identity.anonymous or named in self._built_names:
+            return
+        built = yield self._storage.get_record(_built_record(named))
+        if built is None:
+            assert self._gate is not None
+            raise self._gate.unauthorized(
+                request,
+                f"repository:{name}:pull",
+                None,
+                f"{named} has not been built yet, and only authenticated users may build "
+                "new images; log in to the registry",
+            )
+        self._remember_built(named)
+
+    @inlineCallbacks
+    def _note_built(self, name: str) -> Any:
+        if name in self._built_names:
+            return
+        yield self._storage.put_record(_built_record(name), b"built")
+        self._remember_built(name)
+
+    def _remember_built(self, name: str) -> None:
+        self._built_names[name] = None
+        while len(self._built_names) > BLOB_INFOS_KEPT:
+            self._built_names.popitem(last=False)
 
     @inlineCallbacks
     def _manifest_by_digest(self, digest: str) -> Any:
@@ -289,6 +339,8 @@ class RegistryApp:
             # logged, once per request and without a traceback (the message names it).
             self.log.error("{path}: {message}", path=request.path, message=error.message)
         request.setResponseCode(error.status)
+        for header, value in getattr(error, "headers", ()):
+            request.setHeader(header, value)
         return _json(request, error.as_json())
 
     @app.handle_errors(NotFound)
@@ -337,6 +389,11 @@ def _arg(request: Request, name: bytes) -> str | None:
     return values[0].decode("utf-8", "replace") if values else None
 
 
+def _built_record(named: str) -> str:
+    """The record that says an authenticated pull of ``name:tag`` succeeded."""
+    return "auth/built/" + hashlib.sha256(named.encode()).hexdigest()
+
+
 #: How many blobs' infos are kept in memory (a few MB).
 BLOB_INFOS_KEPT = 50_000
 
@@ -347,14 +404,21 @@ class _WithApiVersion(Resource):
 
     isLeaf = True
 
-    def __init__(self, wrapped: Any, answers: Answers) -> None:
+    def __init__(self, wrapped: Any, answers: Answers, gate: Gate | None) -> None:
         super().__init__()
         self._wrapped = wrapped
         self._answers = answers
+        self._gate = gate
 
     def render(self, request: Request) -> Any:
         request.setHeader(b"Docker-Distribution-API-Version", API_VERSION)
         request.setHeader(b"Server", SERVER)
+        if self._gate is not None:
+            # Before memory: no remembered answer bypasses the policy.
+            return gated(self._gate, request, self._answer)
+        return self._answer(request)
+
+    def _answer(self, request: Request) -> Any:
         answer = self._answers.answer(request)
         if answer is not None:
             return answer

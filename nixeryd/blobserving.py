@@ -21,12 +21,19 @@ from twisted.internet import tcp
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPullProducer, IPushProducer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 
-from nixeryd.errors import BlobUnknown, RangeNotSatisfiable, RegistryError, Unsupported
+from nixeryd.errors import (
+    BlobUnknown,
+    RangeNotSatisfiable,
+    RegistryError,
+    Unsupported,
+    storage_failure,
+)
 from nixeryd.storage import BlobInfo
 
 _RANGE = re.compile(rb"\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*", re.IGNORECASE)
@@ -94,7 +101,12 @@ class FileBlobResource(Resource):
 
     ``open_file`` opens the blob for reading (on the reactor thread: a local
     open is fast) and raises FileNotFoundError if it is gone, which is
-    answered ``BLOB_UNKNOWN``. The size served is the file's.
+    answered ``BLOB_UNKNOWN``; another OSError is a storage fault
+    (:func:`nixeryd.errors.storage_failure`). The size is the record's
+    (``info.size``): a file of another size is damaged and answered
+    ``BLOB_UNKNOWN``, never served under the digest. ``verify``, when given,
+    runs first (a backend hashing the file once after start) and fires True
+    to serve, False to answer ``BLOB_UNKNOWN``.
 
     Written here rather than on ``twisted.web.static.File`` so nothing of a
     static file server applies: no content-type guessing, no directory
@@ -104,21 +116,70 @@ class FileBlobResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, open_file: Callable[[], IO[bytes]], info: BlobInfo) -> None:
+    def __init__(
+        self,
+        open_file: Callable[[], IO[bytes]],
+        info: BlobInfo,
+        verify: Callable[[], Deferred[bool]] | None = None,
+    ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self._open_file = open_file
         self._info = info
+        self._verify = verify
 
     def render(self, request: Request) -> bytes | int:
         refused = refused_method(request)
         if refused is not None:
             return refused
+        if self._verify is None:
+            return self._render_file(request)
+        finished: list[bool] = []
+        request.notifyFinish().addBoth(lambda _: finished.append(True))
+
+        def verified(good: bool) -> None:
+            if finished:
+                return  # the client went away meanwhile
+            body = self._render_file(request) if good else self._unknown(request)
+            if isinstance(body, bytes):
+                request.write(body)
+                request.finish()
+
+        def failed(failure: Failure) -> None:
+            if finished:
+                return
+            error = failure.value
+            if not isinstance(error, RegistryError):
+                _log.failure("verifying blob {digest}", failure, digest=self._info.digest)
+                error = RegistryError("internal error; the registry's log has the details")
+            request.write(error_body(request, error))
+            request.finish()
+
+        self._verify().addCallbacks(verified, failed)
+        return NOT_DONE_YET
+
+    def _unknown(self, request: Request) -> bytes:
+        return error_body(request, BlobUnknown(f"blob {self._info.digest} is not stored"))
+
+    def _render_file(self, request: Request) -> bytes | int:
         try:
             file = self._open_file()
         except FileNotFoundError:
-            # Removed (garbage-collected) since its info was read.
-            return error_body(request, BlobUnknown(f"blob {self._info.digest} is not stored"))
+            # Removed (garbage-collected, or found damaged) since its info was read.
+            return self._unknown(request)
+        except OSError as error:
+            failure = storage_failure(error, f"reading blob {self._info.digest}")
+            _log.error("{message}", message=failure.message)
+            return error_body(request, failure)
         size = os.fstat(file.fileno()).st_size
+        if size != self._info.size:
+            file.close()
+            _log.error(
+                "blob {digest} is {size} bytes where its record says {recorded}: not served",
+                digest=self._info.digest,
+                size=size,
+                recorded=self._info.size,
+            )
+            return self._unknown(request)
         etag = f'"{self._info.digest}"'
         request.setHeader(b"accept-ranges", b"bytes")
         request.setHeader(b"etag", etag.encode())

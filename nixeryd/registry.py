@@ -237,13 +237,14 @@ class RegistryApp:
             raise unknown
         info = yield self._blob_info(digest)
         if info is None:
+            self._blob_lost(digest)
             raise unknown
         if request.method == b"HEAD":
             return render(request, blob_headers(info), b"")
         if info.size <= SMALL_BLOB_SIZE and not request.requestHeaders.hasHeader(b"range"):
             blob = yield self._storage.read_blob(digest)
             if blob is None:
-                self._blob_infos.pop(digest, None)
+                self._blob_lost(digest)
                 raise unknown
             headers = blob_headers(blob.info)
             self._answers.remember(request, headers, blob.data, by_accept=False)
@@ -261,7 +262,27 @@ class RegistryApp:
                 )
             request.setResponseCode(answer.status)
             return render(request, redirect, b"")
+
+        def answered(_: object) -> None:
+            if request.code == BlobUnknown.status:
+                self._blob_lost(digest)
+
+        request.notifyFinish().addBoth(answered)
         return answer
+
+    def _blob_lost(self, digest: str) -> None:
+        """A blob is not in storage, or was found damaged (and taken away) while serving
+        it: forget what leads clients to it, so that the next pull of an image naming
+        it builds the image again, which writes the blob again.
+
+        A client's unknown digest changes nothing (no image in memory names it, and
+        finding that out is a dictionary lookup). Losing a blob is rare, so every
+        remembered answer goes, not just those naming it (an index names it only
+        through its manifests).
+        """
+        known = self._blob_infos.pop(digest, None) is not None
+        if self._images.forget_blob(digest) or known:
+            self._answers.clear()
 
     @inlineCallbacks
     def _blob_info(self, digest: str) -> Any:
@@ -320,6 +341,10 @@ class RegistryApp:
     @app.handle_errors(RegistryError)
     def registry_error(self, request: Request, failure: Failure) -> bytes:
         error = cast(RegistryError, failure.value)
+        if error.status >= 500:
+            # The registry's own trouble (storage failing): the operator's to fix, so
+            # logged, once per request and without a traceback (the message names it).
+            self.log.error("{path}: {message}", path=request.path, message=error.message)
         request.setResponseCode(error.status)
         for header, value in getattr(error, "headers", ()):
             request.setHeader(header, value)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 import pytest
 from twisted.internet.defer import Deferred, fail
@@ -441,3 +442,22 @@ def test_a_storage_failure_is_not_remembered(
     assert first.code == 502, body
     again, body = registry.get("/v2/hello/manifests/latest")
     assert again.code == 200, body
+
+
+@pytest.mark.parametrize("served_by", ["read_blob", "serve_blob"])
+def test_a_blob_lost_from_storage_is_rebuilt_by_the_next_pull(
+    registry_with: RegistryFactory, nix: FakeNix, tmp_path: Path, served_by: str
+) -> None:
+    registry = registry_with(*building(nix))
+    manifest = json.loads(registry.get("/v2/hello/manifests/latest")[1])
+    lost = manifest["layers"][0]
+    path = f"/v2/hello/blobs/{lost['digest']}"
+    # A Range goes past remembered answers and read_blob, to serve_blob's resource.
+    headers = {"Range": "bytes=0-"} if served_by == "serve_blob" else {}
+    registry.get(f"/v2/hello/blobs/{manifest['config']['digest']}")  # the size is known
+    (tmp_path / "storage/blobs/sha256" / lost["digest"].removeprefix("sha256:")).unlink()
+    assert registry.get(path, headers=headers)[0].code == 404
+    assert registry.get("/v2/hello/manifests/latest")[0].code == 200
+    response, data = registry.get(path, headers=headers)
+    assert response.code in (200, 206)
+    assert "sha256:" + hashlib.sha256(data).hexdigest() == lost["digest"]

@@ -172,8 +172,12 @@ def test_containerd(secured: TlsDaemon, containerd: str, tmp_path: Path) -> None
         str(tmp_path / "hosts"), "--user", f"{USER}:{PASSWORD}",
         f"{secured.host}/{IMAGE}:latest")  # fmt: skip
     if secured.auth == "token":
-        # containerd asks for its token with the OAuth2 form first.
-        assert '"POST /token HTTP/1.1" 200' in secured.log()
+        # containerd asks for its token with the OAuth2 form first. The daemon's log
+        # reaches its file a moment after the answer reaches the client.
+        deadline = time.monotonic() + 10
+        while '"POST /token HTTP/1.1" 200' not in secured.log():
+            assert time.monotonic() < deadline, "containerd did not POST /token"
+            time.sleep(0.1)
 
 
 def test_docker_engine(secured: TlsDaemon, dockerd: list[str], tmp_path: Path) -> None:  # noqa: F811

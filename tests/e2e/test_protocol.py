@@ -41,13 +41,21 @@ def exchange(daemon: Daemon, raw: bytes, responses: int) -> list[bytes]:
     return re.findall(rb"HTTP/1\.1 \d{3} [^\r]*", received)
 
 
-def test_a_get_with_a_body_keeps_the_connection_in_step(daemon: Daemon) -> None:
-    body = b"x" * 100_000
+def test_a_get_with_a_small_body_keeps_the_connection_in_step(daemon: Daemon) -> None:
+    body = b"x" * 1000
     raw = (
         b"GET /v2/ HTTP/1.1\r\nHost: r\r\nContent-Length: %d\r\n\r\n%s"
         b"GET /v2/nope/blobs/sha256:%s HTTP/1.1\r\nHost: r\r\n\r\n"
     ) % (len(body), body, b"0" * 64)
     assert exchange(daemon, raw, 2) == [b"HTTP/1.1 200 OK", b"HTTP/1.1 404 Not Found"]
+
+
+def test_a_get_with_a_large_body_is_refused_from_its_headers(daemon: Daemon) -> None:
+    """A pull-only registry has no use for a body: refused before it is read, and the
+    connection closed, since the rest of the stream is that body."""
+    body = b"x" * 100_000
+    raw = b"GET /v2/ HTTP/1.1\r\nHost: r\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    assert exchange(daemon, raw, 1) == [b"HTTP/1.1 413 Content Too Large"]
 
 
 def test_a_chunked_body_keeps_the_connection_in_step(daemon: Daemon) -> None:

@@ -46,7 +46,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from nixeryd.closure import ClosureGraph
-from nixeryd.errors import BuildFailed, BuildTimedOut, RegistryError, first_failure
+from nixeryd.errors import (
+    BuildFailed,
+    BuildTimedOut,
+    RegistryError,
+    TooManyRequests,
+    first_failure,
+)
 from nixeryd.imagename import ImageTarget
 from nixeryd.images import BuiltImage
 from nixeryd.layering import Layer, LayeringStrategy
@@ -144,6 +150,8 @@ class ImageBuilder:
             raise remembered[1]
         try:
             built = yield self._bounded(self._built(image, tag, source, popularity), image)
+        except TooManyRequests:
+            raise  # not the image's failure: the next pull may be admitted
         except RegistryError as error:
             self._record_error(image, tag, error)
             # Nix's verdict on the source is remembered; a timeout, or a 5xx (storage

@@ -46,6 +46,10 @@ class Config:
     #: Seconds a whole image may take: evaluation, builds, closure query and layers.
     build_timeout: float = 3600.0
     failure_ttl: float = 60.0
+    #: Nix commands (evaluations, realisations, closure queries) run at once; 0: one per core.
+    nix_jobs: int = 0
+    #: Nix commands that may wait for one of those; past it a new image is answered 429.
+    nix_queue: int = 64
     #: Long-running evaluators (one per package set and system); 0: a nix-instantiate per image.
     evaluators: int = 4
     #: Resident MiB past which an evaluator is restarted after its answer.
@@ -233,6 +237,20 @@ OPTIONS: tuple[Option, ...] = (
         "without running Nix; a pinned source's failure is kept for good (0: never)",
         ("NIXERYD_FAILURE_TTL",),
         _non_negative_float,
+    ),
+    Option(
+        "nix_jobs",
+        "Nix commands (evaluations, realisations, closure queries) run at once; the others "
+        "wait in a queue (0: one per core this process may use)",
+        ("NIXERYD_NIX_JOBS",),
+        _non_negative_int,
+    ),
+    Option(
+        "nix_queue",
+        "Nix commands that may wait for a free one; past that, a new image is answered "
+        "429 TOOMANYREQUESTS with Retry-After (0: refuse whenever all run)",
+        ("NIXERYD_NIX_QUEUE",),
+        _non_negative_int,
     ),
     Option(
         "evaluators",

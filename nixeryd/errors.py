@@ -88,6 +88,18 @@ class BuildTimedOut(BuildFailed):
     """Nix ran longer than ``NIX_TIMEOUT`` and was killed."""
 
 
+class TooManyRequests(RegistryError):
+    """More new images are waiting for Nix than the registry queues; answered 429
+    with ``Retry-After``, which clients honour, rather than queued without bound."""
+
+    code = "TOOMANYREQUESTS"
+    status = 429
+
+    def __init__(self, message: str, retry_after: int, detail: Any = None) -> None:
+        super().__init__(message, detail)
+        self.retry_after = retry_after
+
+
 def first_failure(failure: Failure) -> Failure:
     """The failure of the first of several concurrent steps that failed (gatherResults
     with ``consumeErrors``), rather than its ``FirstError`` wrapper, so that a client

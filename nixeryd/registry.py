@@ -32,6 +32,7 @@ from nixeryd.errors import (
     ManifestUnknown,
     RegistryError,
     TagInvalid,
+    TooManyRequests,
     Unsupported,
 )
 from nixeryd.fanout import PlatformFanOut
@@ -264,6 +265,8 @@ class RegistryApp:
     def registry_error(self, request: Request, failure: Failure) -> bytes:
         error = cast(RegistryError, failure.value)
         request.setResponseCode(error.status)
+        if isinstance(error, TooManyRequests):
+            request.setHeader(b"Retry-After", str(error.retry_after).encode())
         return _json(request, error.as_json())
 
     @app.handle_errors(NotFound)

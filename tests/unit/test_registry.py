@@ -105,6 +105,25 @@ def test_ten_concurrent_requests_run_one_build(
     assert [len(expect.calls) for expect in expectations] == [1, 1, 1]
 
 
+def test_new_images_past_the_nix_queue_are_told_to_retry(
+    registry_with: RegistryFactory, nix: FakeNix
+) -> None:
+    gate: Deferred[None] = Deferred()
+    registry = registry_with(*building(nix, gate=gate), nix_jobs=1, nix_queue=0)
+    first = registry.treq.get("http://registry/v2/shell/hello/manifests/latest")
+    registry.treq.flush()
+    refused, body = registry.get("/v2/shell/other/manifests/latest")
+    assert refused.code == 429
+    assert header(refused, "Retry-After") == "10"
+    error = json.loads(body)["errors"][0]
+    assert error["code"] == "TOOMANYREQUESTS"
+    assert "NIXERYD_NIX_JOBS" in error["message"]
+    gate.callback(None)
+    assert registry.settle(first).code == 200
+    retried, _ = registry.get("/v2/shell/other/manifests/latest")
+    assert retried.code == 200, "a refusal was remembered as the image's failure"
+
+
 def test_missing_packages_are_all_named(registry_with: RegistryFactory, nix: FakeNix) -> None:
     registry = registry_with(nix.evaluation(missing=["nope", "nada"]))
     response, body = registry.get("/v2/nope/nada/manifests/latest")

@@ -49,9 +49,15 @@ _TERMINAL_CONTROL = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 #: Lines of stderr kept for error messages; the log has them all.
 STDERR_TAIL_LINES = 200
 
+#: How much lower than the daemon's the commands' CPU priority is: the daemon answers
+#: cached pulls in milliseconds, and builds on every core must not delay them.
+NICENESS = 10
+
 # Runs the command as the leader of a new session, so that its process group
-# (the command and everything it starts) can be killed as a whole.
-_SESSION_LEADER = "import os, sys; os.setsid(); os.execvp(sys.argv[1], sys.argv[1:])"
+# (the command and everything it starts) can be killed as a whole, at a lower priority.
+_SESSION_LEADER = (
+    f"import os, sys; os.setsid(); os.nice({NICENESS}); os.execvp(sys.argv[1], sys.argv[1:])"
+)
 
 
 @dataclass(frozen=True)

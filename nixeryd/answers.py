@@ -90,6 +90,11 @@ class Answers:
             _, evicted = self._entries.popitem(last=False)
             self._size -= len(evicted.body)
 
+    def clear(self) -> None:
+        """Forget every answer: a blob they lead to was lost (see RegistryApp._blob_lost)."""
+        self._entries.clear()
+        self._size = 0
+
     def _forget(self, key: _Key) -> None:
         self._size -= len(self._entries.pop(key).body)
 

@@ -21,15 +21,26 @@ from twisted.internet import tcp
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPullProducer, IPushProducer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 
-from nixeryd.errors import BlobUnknown, RangeNotSatisfiable, RegistryError, Unsupported
+from nixeryd.errors import (
+    BlobUnknown,
+    RangeNotSatisfiable,
+    RegistryError,
+    Unsupported,
+    storage_failure,
+)
 from nixeryd.storage import BlobInfo
 
 _RANGE = re.compile(rb"\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*", re.IGNORECASE)
+#: Positions in a Range with more digits than this are past the end of any blob (10^18
+#: bytes is an exabyte), and Python refuses to parse more than 4,300 digits.
+_MAX_POSITION_DIGITS = 18
+_BEYOND_ANY_BLOB: int = 10**_MAX_POSITION_DIGITS
 
 # How much of a blob is read per pull of the HTTP consumer: memory stays bounded (one
 # chunk per response in flight: 25 MB for 100 downloads), while each pull, a Python
@@ -90,7 +101,12 @@ class FileBlobResource(Resource):
 
     ``open_file`` opens the blob for reading (on the reactor thread: a local
     open is fast) and raises FileNotFoundError if it is gone, which is
-    answered ``BLOB_UNKNOWN``. The size served is the file's.
+    answered ``BLOB_UNKNOWN``; another OSError is a storage fault
+    (:func:`nixeryd.errors.storage_failure`). The size is the record's
+    (``info.size``): a file of another size is damaged and answered
+    ``BLOB_UNKNOWN``, never served under the digest. ``verify``, when given,
+    runs first (a backend hashing the file once after start) and fires True
+    to serve, False to answer ``BLOB_UNKNOWN``.
 
     Written here rather than on ``twisted.web.static.File`` so nothing of a
     static file server applies: no content-type guessing, no directory
@@ -100,21 +116,70 @@ class FileBlobResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, open_file: Callable[[], IO[bytes]], info: BlobInfo) -> None:
+    def __init__(
+        self,
+        open_file: Callable[[], IO[bytes]],
+        info: BlobInfo,
+        verify: Callable[[], Deferred[bool]] | None = None,
+    ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self._open_file = open_file
         self._info = info
+        self._verify = verify
 
     def render(self, request: Request) -> bytes | int:
         refused = refused_method(request)
         if refused is not None:
             return refused
+        if self._verify is None:
+            return self._render_file(request)
+        finished: list[bool] = []
+        request.notifyFinish().addBoth(lambda _: finished.append(True))
+
+        def verified(good: bool) -> None:
+            if finished:
+                return  # the client went away meanwhile
+            body = self._render_file(request) if good else self._unknown(request)
+            if isinstance(body, bytes):
+                request.write(body)
+                request.finish()
+
+        def failed(failure: Failure) -> None:
+            if finished:
+                return
+            error = failure.value
+            if not isinstance(error, RegistryError):
+                _log.failure("verifying blob {digest}", failure, digest=self._info.digest)
+                error = RegistryError("internal error; the registry's log has the details")
+            request.write(error_body(request, error))
+            request.finish()
+
+        self._verify().addCallbacks(verified, failed)
+        return NOT_DONE_YET
+
+    def _unknown(self, request: Request) -> bytes:
+        return error_body(request, BlobUnknown(f"blob {self._info.digest} is not stored"))
+
+    def _render_file(self, request: Request) -> bytes | int:
         try:
             file = self._open_file()
         except FileNotFoundError:
-            # Removed (garbage-collected) since its info was read.
-            return error_body(request, BlobUnknown(f"blob {self._info.digest} is not stored"))
+            # Removed (garbage-collected, or found damaged) since its info was read.
+            return self._unknown(request)
+        except OSError as error:
+            failure = storage_failure(error, f"reading blob {self._info.digest}")
+            _log.error("{message}", message=failure.message)
+            return error_body(request, failure)
         size = os.fstat(file.fileno()).st_size
+        if size != self._info.size:
+            file.close()
+            _log.error(
+                "blob {digest} is {size} bytes where its record says {recorded}: not served",
+                digest=self._info.digest,
+                size=size,
+                recorded=self._info.size,
+            )
+            return self._unknown(request)
         etag = f'"{self._info.digest}"'
         request.setHeader(b"accept-ranges", b"bytes")
         request.setHeader(b"etag", etag.encode())
@@ -172,6 +237,10 @@ def requested_range(request: Request, size: int, etag: str) -> tuple[int, int] |
     syntax, an ``If-Range`` that is not this blob's ETag) is ignored, as RFC
     9110 section 14.2 asks. Raises RangeNotSatisfiable for a range that starts
     past the end, a zero-length suffix, or any range of an empty blob.
+    A position of any length is read: one past every blob's end (say 5,000
+    digits) is past this one's, so a start there is unsatisfiable (416) and
+    an end or suffix there takes the rest of the blob, as RFC 9110 says of
+    any position past the end.
     """
     values = request.requestHeaders.getRawHeaders(b"range")
     if values is None or len(values) != 1:
@@ -184,19 +253,29 @@ def requested_range(request: Request, size: int, etag: str) -> tuple[int, int] |
         return None
     first, last = match.group(1), match.group(2)
     if first:
-        start = int(first)
-        end = int(last) + 1 if last else size
+        start = _position(first)
+        end = _position(last) + 1 if last else size
         if last and end <= start:
             return None  # last-pos < first-pos: not a valid range-spec
         if start >= size:
-            raise RangeNotSatisfiable(f"range starts at {start}, past the blob's {size} bytes")
+            at = "far" if start == _BEYOND_ANY_BLOB else f"at {start},"
+            raise RangeNotSatisfiable(f"range starts {at} past the blob's {size} bytes")
         return start, min(end, size)
     if not last:
         return None  # "bytes=-"
-    suffix = int(last)
+    suffix = _position(last)
     if suffix == 0 or size == 0:
         raise RangeNotSatisfiable(f"suffix range of {suffix} bytes of a {size}-byte blob")
     return max(size - suffix, 0), size
+
+
+def _position(digits: bytes) -> int:
+    """A Range position; :data:`_BEYOND_ANY_BLOB` for one with more than 18 digits, which
+    Python would refuse to parse from 4,300 on."""
+    significant = digits.lstrip(b"0")
+    if len(significant) > _MAX_POSITION_DIGITS:
+        return _BEYOND_ANY_BLOB
+    return int(significant or b"0")
 
 
 @implementer(IPullProducer)

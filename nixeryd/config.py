@@ -84,6 +84,10 @@ class Config:
     permitted_insecure_packages: tuple[str, ...] = ()
     #: Nix files of overlays applied to the package set, absolute paths.
     nixpkgs_overlays: tuple[str, ...] = ()
+    #: The authentication provider (:mod:`nixeryd.auth`); None: no authentication.
+    auth: str | None = None
+    #: What needs credentials when ``auth`` is set: ``everything``, or ``builds``.
+    auth_policy: str = "everything"
     #: ``[plugin.<name>]`` tables of the config file: providers' own settings
     #: (:mod:`nixeryd.settings`).
     plugin_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
@@ -342,6 +346,19 @@ OPTIONS: tuple[Option, ...] = (
         "the package set (default: nixpkgs reads its own)",
         ("NIXERYD_NIXPKGS_OVERLAYS",),
         _nix_files,
+    ),
+    Option(
+        "auth",
+        "authentication provider: htpasswd, token (Docker's token flow) or jwks (an "
+        "external issuer's tokens); its settings are in [plugin.<name>] (default: none)",
+        ("NIXERYD_AUTH",),
+    ),
+    Option(
+        "auth_policy",
+        "with auth: everything (every request needs credentials) or builds (anyone may pull "
+        "images already built; building a new name needs credentials)",
+        ("NIXERYD_AUTH_POLICY",),
+        _one_of("everything", "builds"),
     ),
     Option("log_format", "text or json", ("NIXERYD_LOG_FORMAT",), _one_of("text", "json")),
     Option(

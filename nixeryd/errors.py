@@ -8,6 +8,7 @@ person can act on. The HTTP layer renders them as
 
 from __future__ import annotations
 
+import errno
 from typing import Any, cast
 
 from twisted.internet.defer import FirstError
@@ -98,6 +99,8 @@ class TooManyRequests(RegistryError):
     def __init__(self, message: str, retry_after: int, detail: Any = None) -> None:
         super().__init__(message, detail)
         self.retry_after = retry_after
+        #: Set on the answer, as the HTTP layer does for every error carrying headers.
+        self.headers = [(b"Retry-After", str(retry_after).encode())]
 
 
 def first_failure(failure: Failure) -> Failure:
@@ -106,3 +109,40 @@ def first_failure(failure: Failure) -> Failure:
     gets that step's registry error."""
     wrapper = cast(FirstError, failure.value)
     return wrapper.subFailure
+
+
+class StorageFailed(RegistryError):
+    """Storage refused a read or write: the registry's trouble, for its operator to fix.
+
+    ``UNAVAILABLE`` (the code the distribution registry uses for a server that
+    cannot serve now) with 507 Insufficient Storage for a full disk or quota,
+    503 for the rest (read-only, permission denied, I/O errors): a client may
+    retry later, and the message tells the operator what to fix.
+    """
+
+    code = "UNAVAILABLE"
+    status = 503
+
+
+class StorageFull(StorageFailed):
+    status = 507
+
+
+# errno -> what an operator reads: the state of the storage, and what to do about it.
+_FAULTS = {
+    errno.ENOSPC: "storage is full",
+    errno.EDQUOT: "the storage quota is exhausted",
+    errno.EROFS: "storage is read-only",
+    errno.EACCES: "nixeryd has no permission on its storage",
+    errno.EPERM: "nixeryd has no permission on its storage",
+    errno.EIO: "storage reported an I/O error",
+}
+
+
+def storage_failure(error: OSError, doing: str) -> StorageFailed:
+    """The registry error for an OSError raised while ``doing`` (``"writing a blob"``)."""
+    cause = _FAULTS.get(error.errno or 0, "storage failed")
+    message = f"{cause} ({error.strerror or error}) while {doing}"
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return StorageFull(f"{message}: free space in the storage directory, or enlarge it")
+    return StorageFailed(f"{message}: check the storage directory's mount and permissions")

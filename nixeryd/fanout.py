@@ -77,6 +77,11 @@ class PlatformFanOut:
         pinned = len(images) == len(targets) and all(image.pinned for image in images)
         return TaggedImage(images, indexes, pinned=pinned)
 
+    def forget_blob(self, digest: str) -> bool:
+        """A blob was found missing or damaged: rebuild the images naming it when next
+        asked; whether any image in memory named it."""
+        return self._manifests.forget_blob(digest)
+
     def _note(
         self, target: ImageTarget, tag: str, result: BuiltImage | RegistryError, now: float
     ) -> None:

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import pluggy
 
+from nixeryd.auth import Authenticator
 from nixeryd.layering import LayeringStrategy
 from nixeryd.runtime import Provider
 from nixeryd.sources import PackageSource
@@ -45,6 +46,14 @@ def nixeryd_package_sources() -> Sequence[Provider[PackageSource]]:
 @hookspec
 def nixeryd_layering_strategies() -> Sequence[Provider[LayeringStrategy]]:
     """Layering strategies this plugin offers (``layering_strategy`` picks one by name)."""
+    raise NotImplementedError
+
+
+@hookspec
+def nixeryd_authenticators() -> Sequence[Provider[Authenticator]]:
+    """Authentication providers this plugin offers (``auth`` picks one by name; the
+    built-in ``htpasswd``, ``token`` and ``jwks`` are described in
+    :mod:`nixeryd.builtin.auth`)."""
     raise NotImplementedError
 
 

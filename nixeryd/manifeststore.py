@@ -7,6 +7,17 @@ instance on the same bucket, serves the image without building it. Indexes
 over several platforms are recorded under ``indexes/<key>``, which also keeps
 their blobs from garbage collection. Recently used ones are kept in memory in
 front of storage.
+
+Never a manifest whose blobs are gone. A manifest record read from storage
+is answered only once its config and layer blobs are found there (one
+``stat_blob`` each, once per record and process: the cheapest rule that
+catches blobs deleted or damaged while no daemon held the image in memory);
+otherwise the image is built again, which writes the missing layers again.
+An image held in memory is trusted until the registry finds one of its blobs
+missing or damaged while serving it (:meth:`ManifestStore.forget_blob`): the
+pull that finds it gets ``BLOB_UNKNOWN``, the next one rebuilds. A blob
+deleted from an object store behind nixeryd's back, which the client fetches
+from the store directly, is noticed at the next start.
 """
 
 from __future__ import annotations
@@ -18,6 +29,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from twisted.internet.defer import inlineCallbacks
+from twisted.logger import Logger
 
 from nixeryd.compression import Compression
 from nixeryd.images import BuiltImage, StoredManifest
@@ -41,11 +53,15 @@ LOCAL_MANIFEST_CACHE_SIZE = 1024
 class ManifestStore:
     """Writes and finds images' manifests and indexes; keeps the recent ones in memory."""
 
+    log = Logger()
+
     def __init__(self, storage: Storage, compression: Compression) -> None:
         self._storage = storage
         self._compression = compression
         self._local: OrderedDict[str, BuiltImage] = OrderedDict()
         self._indexes: OrderedDict[tuple[str, ...], Mapping[str, StoredManifest]] = OrderedDict()
+        #: Blob digest -> the keys of the images in memory whose manifests name it.
+        self._naming: dict[str, set[str]] = {}
 
     @inlineCallbacks
     def write(
@@ -80,9 +96,32 @@ class ManifestStore:
             if blob is None or form not in forms:
                 return None
             manifests[form] = StoredManifest(forms[form][0], digest, blob.data)
+        for digest in _blobs_named(manifests.values()):
+            if (yield self._storage.stat_blob(digest)) is None:
+                self.log.warn(
+                    "image record {key} names blob {digest}, which storage lacks: building again",
+                    key=key,
+                    digest=digest,
+                )
+                return None
         built = BuiltImage(platform, manifests)
         self._keep_local(key, built)
         return built
+
+    def forget_blob(self, digest: str) -> bool:
+        """Drop the images (and their indexes) naming ``digest`` from memory, so that
+        the next request reads their records again and finds the blob gone; whether
+        any did. A digest no image names costs a dictionary lookup."""
+        keys = self._naming.pop(digest, set())
+        gone = set()
+        for key in keys:
+            built = self._local.pop(key, None)
+            if built is not None:
+                self._unname(key, built)
+                gone.add(built.manifests["docker"].digest)
+        for index_key in [key for key in self._indexes if gone.intersection(key)]:
+            del self._indexes[index_key]
+        return bool(keys)
 
     @inlineCallbacks
     def remember(self, key: str, built: BuiltImage) -> Any:
@@ -121,7 +160,29 @@ class ManifestStore:
         return indexes
 
     def _keep_local(self, key: str, built: BuiltImage) -> None:
+        previous = self._local.pop(key, None)
+        if previous is not None:
+            self._unname(key, previous)
         self._local[key] = built
-        self._local.move_to_end(key)
+        for digest in _blobs_named(built.manifests.values()):
+            self._naming.setdefault(digest, set()).add(key)
         while len(self._local) > LOCAL_MANIFEST_CACHE_SIZE:
-            self._local.popitem(last=False)
+            self._unname(*self._local.popitem(last=False))
+
+    def _unname(self, key: str, built: BuiltImage) -> None:
+        for digest in _blobs_named(built.manifests.values()):
+            keys = self._naming.get(digest)
+            if keys is not None:
+                keys.discard(key)
+                if not keys:
+                    del self._naming[digest]
+
+
+def _blobs_named(manifests: Iterable[StoredManifest]) -> list[str]:
+    """The config and layer digests the manifests name, each once."""
+    digests: dict[str, None] = {}
+    for manifest in manifests:
+        document = json.loads(manifest.data)
+        for descriptor in [document.get("config", {}), *document.get("layers", [])]:
+            digests[descriptor["digest"]] = None
+    return list(digests)

@@ -19,6 +19,11 @@ at start-up, and creates only the providers the configuration names:
 ``nixeryd_layering_strategies() -> list[Provider[LayeringStrategy]]``
     selected by ``layering_strategy``; groups a :class:`ClosureGraph` into
     :class:`Layer` values;
+``nixeryd_authenticators() -> list[Provider[Authenticator]]``
+    selected by ``auth`` (``NIXERYD_AUTH``); an :class:`Authenticator`
+    turns an ``Authorization`` header into an :class:`Identity` (or None),
+    words the ``WWW-Authenticate`` challenge, and may serve endpoints of its
+    own (the token endpoint); ``docs/auth.md`` describes the policies;
 ``nixeryd_image_built(image, tag, digest, seconds) -> None``
     an event, for metrics or audit logs: return quickly and never raise.
 
@@ -55,6 +60,7 @@ exception is a server error, logged.
 
 from __future__ import annotations
 
+from nixeryd.auth import Authenticator, Identity, Unauthorized, basic_credentials
 from nixeryd.blobserving import (
     FileBlobResource,
     blob_headers,
@@ -99,6 +105,7 @@ from nixeryd.storage import (
 
 __all__ = [
     "SMALL_BLOB_SIZE",
+    "Authenticator",
     "Blob",
     "BlobAnswer",
     "BlobInfo",
@@ -111,6 +118,7 @@ __all__ = [
     "ConfigError",
     "DigestInvalid",
     "FileBlobResource",
+    "Identity",
     "InteractiveProcess",
     "Layer",
     "LayeringStrategy",
@@ -133,7 +141,9 @@ __all__ = [
     "Storage",
     "TagInvalid",
     "ThreadRunner",
+    "Unauthorized",
     "Unsupported",
+    "basic_credentials",
     "blob_headers",
     "digest_hex",
     "error_body",

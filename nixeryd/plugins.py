@@ -12,6 +12,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any, TypeVar
 
 import pluggy
+from twisted.logger import Logger
 
 from nixeryd import hookspecs
 from nixeryd.config import ConfigError
@@ -19,13 +20,16 @@ from nixeryd.runtime import Provider
 
 T = TypeVar("T")
 
+_log = Logger()
+
 
 def builtin_plugins() -> tuple[object, ...]:
     """The plugins nixeryd ships: filesystem, S3 and GCS storage, path, git and channel
-    sources, stable and popularity (Nixery's) layering."""
-    from nixeryd.builtin import filesystem, gcs, layering, s3, sources, stable_layering
+    sources, stable and popularity (Nixery's) layering, htpasswd, token and JWKS
+    authentication."""
+    from nixeryd.builtin import auth, filesystem, gcs, layering, s3, sources, stable_layering
 
-    return (filesystem, s3, gcs, sources, stable_layering, layering)
+    return (filesystem, s3, gcs, sources, stable_layering, layering, auth)
 
 
 def make_plugin_manager(
@@ -56,8 +60,26 @@ class Plugins:
     def layering_strategy(self, name: str) -> Provider[Any]:
         return _choose("layering strategy", name, self._hook.nixeryd_layering_strategies())
 
+    def authenticator(self, name: str) -> Provider[Any]:
+        return _choose("authentication provider", name, self._hook.nixeryd_authenticators())
+
     def image_built(self, image: str, tag: str, digest: str, seconds: float) -> None:
-        self._hook.nixeryd_image_built(image=image, tag=tag, digest=digest, seconds=seconds)
+        """Tell every plugin; one that raises is logged (a line, no traceback) and the
+        others are still told. An event is news for plugins, not part of the pull: the
+        image is built whatever a plugin does with the news."""
+        for implementation in self._hook.nixeryd_image_built.get_hookimpls():
+            try:
+                implementation.function(image=image, tag=tag, digest=digest, seconds=seconds)
+            except Exception as error:
+                _log.error(
+                    "plugin {plugin} failed on nixeryd_image_built for {image}:{tag}: "
+                    "{error_type}: {error}",
+                    plugin=implementation.plugin_name,
+                    image=image,
+                    tag=tag,
+                    error_type=type(error).__name__,
+                    error=error,
+                )
 
 
 def _choose(kind: str, name: str, answers: Sequence[Sequence[Provider[T]]]) -> Provider[T]:

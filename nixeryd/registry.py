@@ -7,6 +7,7 @@ traceback. The README's "Remote clients" and "Errors" sections say what clients 
 
 from __future__ import annotations
 
+import hashlib
 import html
 import json
 import re
@@ -22,17 +23,19 @@ from twisted.python.failure import Failure
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request
 from werkzeug.exceptions import MethodNotAllowed, NotFound
+from werkzeug.routing import RequestRedirect
 
 from nixeryd.answers import SERVER, Answers, render
+from nixeryd.auth import Gate, Identity, gated
 from nixeryd.blobserving import blob_headers
 from nixeryd.builder import ImageBuilder
 from nixeryd.errors import (
     BlobUnknown,
     DigestInvalid,
     ManifestUnknown,
+    NameInvalid,
     RegistryError,
     TagInvalid,
-    TooManyRequests,
     Unsupported,
 )
 from nixeryd.fanout import PlatformFanOut
@@ -69,6 +72,9 @@ class RegistryApp:
     (for its recent errors), storage and the package source."""
 
     app = Klein()
+    # A repository name never has an empty component: "/v2//etc/passwd/..." is a bad name
+    # (NAME_INVALID), not a redirect to "/v2/etc/passwd/...".
+    app.url_map.merge_slashes = False
     log = Logger()
 
     def __init__(
@@ -77,8 +83,13 @@ class RegistryApp:
         builder: ImageBuilder,
         storage: Storage,
         source: PackageSource,
+        gate: Gate | None = None,
     ) -> None:
+        """``gate`` is the site's authentication policy; None: no authentication."""
         self._images = images
+        self._gate = gate
+        #: Names (and tags) known to be built, under the ``builds`` policy (see _may_build).
+        self._built_names: OrderedDict[str, None] = OrderedDict()
         self._builder = builder
         self._storage = storage
         self._source = source
@@ -98,7 +109,12 @@ class RegistryApp:
     def resource(self) -> IResource:
         """The root resource: the routes, with the API version header on every response,
         and remembered answers served before routing."""
-        return cast(IResource, _WithApiVersion(self.app.resource(), self._answers))
+        return cast(IResource, _WithApiVersion(self.app.resource(), self._answers, self._gate))
+
+    @property
+    def gate(self) -> Gate | None:
+        """The authentication policy, for the HTTP channel to apply to remembered answers."""
+        return self._gate
 
     @app.route("/", methods=["GET", "HEAD"])
     def index(self, request: Request) -> bytes:
@@ -139,7 +155,7 @@ class RegistryApp:
             manifest = yield self._manifest_by_digest(reference)
             immutable = True
         else:
-            manifest, immutable = yield self._manifest_by_tag(request, image, reference)
+            manifest, immutable = yield self._manifest_by_tag(request, name, image, reference)
         headers = [
             (b"Content-Type", manifest.media_type.encode()),
             (b"Content-Length", str(len(manifest.data)).encode()),
@@ -153,16 +169,54 @@ class RegistryApp:
         return render(request, headers, manifest.data)
 
     @inlineCallbacks
-    def _manifest_by_tag(self, request: Request, image: ImageName, tag: str) -> Any:
+    def _manifest_by_tag(self, request: Request, name: str, image: ImageName, tag: str) -> Any:
         if not is_valid_tag(tag):
             raise TagInvalid(
                 f"{tag!r} is not a valid tag (letters, digits, '_', '.', '-'; at most 128)"
             )
+        identity: Identity | None = getattr(request, "identity", None)
+        if identity is not None and self._gate is not None and self._gate.policy == "builds":
+            yield self._may_build(request, name, tag, identity)
         tagged = yield self._images.tagged(image, tag)
+        if identity is not None and not identity.anonymous:
+            yield self._note_built(f"{name}:{tag}")
         accept = request.requestHeaders.getRawHeaders(b"accept", [])
         # Caches between client and registry must key a tag's answer by Accept.
         request.setHeader(b"Vary", b"Accept")
         return tagged.answer(choose(accept, multi_platform=bool(tagged.indexes))), tagged.pinned
+
+    @inlineCallbacks
+    def _may_build(self, request: Request, name: str, tag: str, identity: Identity) -> Any:
+        """Under the ``builds`` policy, an anonymous client gets a tag's manifest only if an
+        authenticated pull of the same name and tag succeeded before (a record in storage,
+        so it holds across restarts and instances); otherwise 401: it may be a new build.
+        Decided here, before the fan-out is asked, so that no Nix runs for it."""
+        named = f"{name}:{tag}"
+        if not identity.anonymous or named in self._built_names:
+            return
+        built = yield self._storage.get_record(_built_record(named))
+        if built is None:
+            assert self._gate is not None
+            raise self._gate.unauthorized(
+                request,
+                f"repository:{name}:pull",
+                None,
+                f"{named} has not been built yet, and only authenticated users may build "
+                "new images; log in to the registry",
+            )
+        self._remember_built(named)
+
+    @inlineCallbacks
+    def _note_built(self, name: str) -> Any:
+        if name in self._built_names:
+            return
+        yield self._storage.put_record(_built_record(name), b"built")
+        self._remember_built(name)
+
+    def _remember_built(self, name: str) -> None:
+        self._built_names[name] = None
+        while len(self._built_names) > BLOB_INFOS_KEPT:
+            self._built_names.popitem(last=False)
 
     @inlineCallbacks
     def _manifest_by_digest(self, digest: str) -> Any:
@@ -183,13 +237,14 @@ class RegistryApp:
             raise unknown
         info = yield self._blob_info(digest)
         if info is None:
+            self._blob_lost(digest)
             raise unknown
         if request.method == b"HEAD":
             return render(request, blob_headers(info), b"")
         if info.size <= SMALL_BLOB_SIZE and not request.requestHeaders.hasHeader(b"range"):
             blob = yield self._storage.read_blob(digest)
             if blob is None:
-                self._blob_infos.pop(digest, None)
+                self._blob_lost(digest)
                 raise unknown
             headers = blob_headers(blob.info)
             self._answers.remember(request, headers, blob.data, by_accept=False)
@@ -207,7 +262,27 @@ class RegistryApp:
                 )
             request.setResponseCode(answer.status)
             return render(request, redirect, b"")
+
+        def answered(_: object) -> None:
+            if request.code == BlobUnknown.status:
+                self._blob_lost(digest)
+
+        request.notifyFinish().addBoth(answered)
         return answer
+
+    def _blob_lost(self, digest: str) -> None:
+        """A blob is not in storage, or was found damaged (and taken away) while serving
+        it: forget what leads clients to it, so that the next pull of an image naming
+        it builds the image again, which writes the blob again.
+
+        A client's unknown digest changes nothing (no image in memory names it, and
+        finding that out is a dictionary lookup). Losing a blob is rare, so every
+        remembered answer goes, not just those naming it (an index names it only
+        through its manifests).
+        """
+        known = self._blob_infos.pop(digest, None) is not None
+        if self._images.forget_blob(digest) or known:
+            self._answers.clear()
 
     @inlineCallbacks
     def _blob_info(self, digest: str) -> Any:
@@ -249,9 +324,11 @@ class RegistryApp:
             tags = [tag for tag in tags if tag > last]
         count = _arg(request, b"n")
         if count is not None:
-            if not count.isdigit():
+            if not (count.isascii() and count.isdigit()):
                 raise PaginationInvalid(f"n={count!r} must be a non-negative integer")
-            limit = int(count)
+            # More than 18 digits is more tags than any source has (and Python refuses
+            # to parse over 4,300 digits).
+            limit = int(count) if len(count.lstrip("0")) <= 18 else len(tags)
             if limit < len(tags):
                 tags = tags[:limit]
                 if tags:
@@ -264,21 +341,24 @@ class RegistryApp:
     @app.handle_errors(RegistryError)
     def registry_error(self, request: Request, failure: Failure) -> bytes:
         error = cast(RegistryError, failure.value)
+        if error.status >= 500:
+            # The registry's own trouble (storage failing): the operator's to fix, so
+            # logged, once per request and without a traceback (the message names it).
+            self.log.error("{path}: {message}", path=request.path, message=error.message)
         request.setResponseCode(error.status)
-        if isinstance(error, TooManyRequests):
-            request.setHeader(b"Retry-After", str(error.retry_after).encode())
+        for header, value in getattr(error, "headers", ()):
+            request.setHeader(header, value)
         return _json(request, error.as_json())
 
     @app.handle_errors(NotFound)
     def not_found(self, request: Request, failure: Failure) -> bytes:
-        if request.method not in (b"GET", b"HEAD"):
-            # A push (POST .../blobs/uploads/, PATCH, PUT ...) or a delete.
-            return _pull_only(request)
-        error = Unsupported(
-            f"{request.path.decode('latin-1')!r} is not a registry endpoint nixeryd serves"
-        )
-        request.setResponseCode(404)
-        return _json(request, error.as_json())
+        return _not_an_endpoint(request)
+
+    @app.handle_errors(RequestRedirect)
+    def redirect(self, request: Request, failure: Failure) -> bytes:
+        """werkzeug's canonical-URL redirects (a missing trailing slash): a registry client
+        asks for the paths the spec names, so anything else is not an endpoint."""
+        return _not_an_endpoint(request)
 
     @app.handle_errors(MethodNotAllowed)
     def method_not_allowed(self, request: Request, failure: Failure) -> bytes:
@@ -301,6 +381,17 @@ def _json(request: Request, document: Any) -> bytes:
     return body
 
 
+def _not_an_endpoint(request: Request) -> bytes:
+    if request.method not in (b"GET", b"HEAD"):
+        # A push (POST .../blobs/uploads/, PATCH, PUT ...) or a delete.
+        return _pull_only(request)
+    error = Unsupported(
+        f"{request.path.decode('latin-1')!r} is not a registry endpoint nixeryd serves"
+    )
+    request.setResponseCode(404)
+    return _json(request, error.as_json())
+
+
 def _pull_only(request: Request) -> bytes:
     error = Unsupported(
         "nixeryd builds images on demand from Nix packages: it serves pulls only "
@@ -315,6 +406,11 @@ def _arg(request: Request, name: bytes) -> str | None:
     return values[0].decode("utf-8", "replace") if values else None
 
 
+def _built_record(named: str) -> str:
+    """The record that says an authenticated pull of ``name:tag`` succeeded."""
+    return "auth/built/" + hashlib.sha256(named.encode()).hexdigest()
+
+
 #: How many blobs' infos are kept in memory (a few MB).
 BLOB_INFOS_KEPT = 50_000
 
@@ -325,14 +421,29 @@ class _WithApiVersion(Resource):
 
     isLeaf = True
 
-    def __init__(self, wrapped: Any, answers: Answers) -> None:
+    def __init__(self, wrapped: Any, answers: Answers, gate: Gate | None) -> None:
         super().__init__()
         self._wrapped = wrapped
         self._answers = answers
+        self._gate = gate
 
     def render(self, request: Request) -> Any:
         request.setHeader(b"Docker-Distribution-API-Version", API_VERSION)
         request.setHeader(b"Server", SERVER)
+        try:
+            # What klein decodes to route by (and the policy reads names from); klein
+            # answers a path that is not UTF-8 with an HTML page and logs a traceback.
+            b"/".join(request.postpath or []).decode("utf-8")
+        except UnicodeDecodeError:
+            request.setResponseCode(400)
+            error = NameInvalid("the request path, once percent-decoded, is not UTF-8")
+            return _json(request, error.as_json())
+        if self._gate is not None:
+            # Before memory: no remembered answer bypasses the policy.
+            return gated(self._gate, request, self._answer)
+        return self._answer(request)
+
+    def _answer(self, request: Request) -> Any:
         answer = self._answers.answer(request)
         if answer is not None:
             return answer

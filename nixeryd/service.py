@@ -25,6 +25,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from twisted.web.client import Agent, HTTPConnectionPool
 
+from nixeryd.auth import Gate
 from nixeryd.builder import ImageBuilder
 from nixeryd.config import Config
 from nixeryd.evaluator import EvaluatorLimits, EvaluatorPool, Repl
@@ -40,6 +41,7 @@ from nixeryd.registry import RegistryApp
 from nixeryd.runtime import Runtime
 from nixeryd.site import RegistrySite
 from nixeryd.storage import Storage
+from nixeryd.tls import tls_service
 
 log = Logger()
 
@@ -90,7 +92,13 @@ def make_registry(
     storage = plugins.storage_backend(config.storage_backend).create_with(runtime)
     source = plugins.package_source(config.package_source).create_with(runtime)
     layering = plugins.layering_strategy(config.layering_strategy).create_with(runtime)
+    gate = None
+    if config.auth is not None:
+        authenticator = plugins.authenticator(config.auth).create_with(runtime)
+        gate = Gate(authenticator, config.auth_policy)
+        log.info("authentication: {auth}, policy {policy}", auth=config.auth, policy=gate.policy)
     selected = {config.storage_backend, config.package_source, config.layering_strategy}
+    selected |= {config.auth} if config.auth else set()
     for name in sorted(set(config.plugin_options) - selected):
         # A misspelt name, or a provider the site switched away from: not an error.
         log.warn("[plugin.{name}]: no selected provider is called {name}; ignored", name=name)
@@ -144,7 +152,7 @@ def make_registry(
         budget=config.layer_budget,
         compression=config.compression.key,
     )
-    return RegistryApp(images, builder, storage, source)
+    return RegistryApp(images, builder, storage, source, gate)
 
 
 #: Idle connections kept per host: an object store is asked many small things at once
@@ -189,9 +197,15 @@ def _layer_pool_runner(reactor: Any, size: int) -> Callable[[Callable[[], Any]],
 def make_service(config: Config, reactor: Any, **overrides: Any) -> StorageFirst:
     """The daemon's service tree: storage, then one listening service per configured endpoint."""
     registry = make_registry(config, reactor, **overrides)
-    site = RegistrySite(registry.resource(), registry.answers, access_log=config.access_log)
+    site = RegistrySite(
+        registry.resource(), registry.answers, access_log=config.access_log, gate=registry.gate
+    )
     root = StorageFirst(registry.storage, reactor)
     for endpoint in config.listen:
+        if endpoint.startswith("ssl:"):
+            # Twisted's own ssl: endpoint reads its certificate once; this one reloads it.
+            tls_service(endpoint, site, reactor).setServiceParent(root)
+            continue
         endpoint_service(endpoint, site, reactor=reactor).setServiceParent(root)  # type: ignore[arg-type]
     return root
 

@@ -12,6 +12,27 @@ must never make a partially written blob visible under its digest, and two
 writers of the same digest (two threads, two processes, two hosts on one
 bucket) must both succeed, leaving one blob.
 
+Never the wrong bytes. A blob's size and digest come from what was recorded
+when it was committed, never from what is found later: a backend must not
+answer a GET under a digest with bytes that do not hash to it. The filesystem
+backend, whose files an operator or a failing disk can change, hashes a file
+before serving it (once per file per process, see
+:mod:`nixeryd.builtin.filesystem`) and takes a damaged one away, so that it is
+then absent. The object stores cannot hash on serve (a redirect sends the
+client to the store), and are trusted to keep what they were given: their
+writes are create-only and whole (an object appears only once its upload
+completed; S3 checks each request's signed payload hash), and an object cannot
+be changed in place. A
+blob found absent while it is served (a 404 ``BLOB_UNKNOWN`` from
+``serve_blob``'s resource, or ``read_blob`` answering None for a blob just
+described) makes the registry forget the images naming it, which are then
+built again at the next pull (:mod:`nixeryd.manifeststore`).
+
+Faults. A backend raises a :class:`nixeryd.errors.RegistryError` for storage
+that fails (a 5xx naming the cause: the filesystem's
+:class:`nixeryd.errors.StorageFailed`, S3's and GCS's 502), never a bare
+OSError, which would be answered as an internal error with a traceback.
+
 Records are small named documents that may be overwritten; a reader sees an
 old or a new version, never a part. Names are ``/``-separated segments of
 ``[A-Za-z0-9._-]``. Every stored blob is reachable from a record, which is

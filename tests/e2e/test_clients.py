@@ -124,9 +124,19 @@ def requests_by(registry: Daemon, user_agent: str) -> list[str]:
     ]
 
 
-def run(*argv: str, env: dict[str, str] | None = None, timeout: float = 180) -> str:
+def run(
+    *argv: str,
+    env: dict[str, str] | None = None,
+    timeout: float = 180,
+    input_text: str | None = None,
+) -> str:
     result = subprocess.run(
-        argv, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
+        argv,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+        input=input_text,
     )
     assert result.returncode == 0, f"{' '.join(argv)}:\n{result.stdout}\n{result.stderr}"
     return result.stdout

@@ -71,9 +71,11 @@ CONTRACTS = [
     plugin.Runtime,
     plugin.Provider,
     plugin.Setting,
+    plugin.Authenticator,
     hookspecs.nixeryd_storage_backends,
     hookspecs.nixeryd_package_sources,
     hookspecs.nixeryd_layering_strategies,
+    hookspecs.nixeryd_authenticators,
     hookspecs.nixeryd_image_built,
 ]
 

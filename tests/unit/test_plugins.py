@@ -78,3 +78,27 @@ def test_a_table_no_selected_provider_reads_is_warned_about(
         registry_with(plugin_options={"filesystem": {}, "s3x": {"bucket": "b"}})
     warnings = [formatEvent(event) for event in events if event["log_level"] == LogLevel.warn]
     assert warnings == ["[plugin.s3x]: no selected provider is called s3x; ignored"]
+
+
+def test_an_event_plugin_that_raises_is_logged_once_and_the_others_are_told() -> None:
+    seen: list[str] = []
+
+    class Failing:
+        @hookimpl
+        def nixeryd_image_built(self, image: str, tag: str, digest: str, seconds: float) -> None:
+            raise RuntimeError("webhook unreachable")
+
+    class Listening:
+        @hookimpl
+        def nixeryd_image_built(self, image: str, tag: str, digest: str, seconds: float) -> None:
+            seen.append(digest)
+
+    plugins = Plugins(make_plugin_manager(plugins=[Failing(), Listening()], load_entrypoints=False))
+    with capturedLogs() as events:
+        plugins.image_built("amd64:hello", "latest", "sha256:x", 1.0)
+    assert seen == ["sha256:x"]
+    errors = [event for event in events if event.get("log_level") == LogLevel.error]
+    assert len(errors) == 1
+    message = formatEvent(errors[0])
+    assert "nixeryd_image_built" in message and "webhook unreachable" in message
+    assert "log_failure" not in errors[0]  # a line, not a traceback

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 import pytest
 from twisted.internet.defer import Deferred, fail
@@ -283,6 +284,13 @@ def test_timeouts_are_not_remembered(registry_with: RegistryFactory, nix: FakeNi
         ("/v2/hello/blobs/sha256:../../etc/passwd", 404, "UNSUPPORTED"),
         ("/v2/hello/blobs/sha256:..", 400, "DIGEST_INVALID"),
         ("/v2/hello/nonsense", 404, "UNSUPPORTED"),
+        # werkzeug would redirect these (merged slashes, an added one) and, unhandled, 500.
+        ("/v2//etc/passwd/manifests/latest", 404, "UNSUPPORTED"),
+        ("/v2/hello//manifests/latest", 400, "NAME_INVALID"),
+        ("/v2/hello%2f%2fetc/manifests/latest", 400, "NAME_INVALID"),
+        ("/v2/hello/tags/list/", 404, "UNSUPPORTED"),
+        ("/v2/%ff/manifests/latest", 400, "NAME_INVALID"),
+        ("/v2/hello/blobs/%c0%af", 400, "NAME_INVALID"),
     ],
 )
 def test_bad_requests_get_registry_errors(
@@ -322,6 +330,9 @@ def test_tags_list_paginates(registry_with: RegistryFactory) -> None:
     assert json.loads(body)["tags"] == []
     response, body = registry.get("/v2/hello/tags/list?n=x")
     assert response.code == 400
+    assert registry.get("/v2/hello/tags/list?n=%C2%B2")[0].code == 400  # a digit int() refuses
+    response, body = registry.get("/v2/hello/tags/list?n=" + "9" * 5000)
+    assert json.loads(body)["tags"] == ["latest"]
 
 
 def test_get_with_a_body_is_answered(registry_with: RegistryFactory) -> None:
@@ -450,3 +461,22 @@ def test_a_storage_failure_is_not_remembered(
     assert first.code == 502, body
     again, body = registry.get("/v2/hello/manifests/latest")
     assert again.code == 200, body
+
+
+@pytest.mark.parametrize("served_by", ["read_blob", "serve_blob"])
+def test_a_blob_lost_from_storage_is_rebuilt_by_the_next_pull(
+    registry_with: RegistryFactory, nix: FakeNix, tmp_path: Path, served_by: str
+) -> None:
+    registry = registry_with(*building(nix))
+    manifest = json.loads(registry.get("/v2/hello/manifests/latest")[1])
+    lost = manifest["layers"][0]
+    path = f"/v2/hello/blobs/{lost['digest']}"
+    # A Range goes past remembered answers and read_blob, to serve_blob's resource.
+    headers = {"Range": "bytes=0-"} if served_by == "serve_blob" else {}
+    registry.get(f"/v2/hello/blobs/{manifest['config']['digest']}")  # the size is known
+    (tmp_path / "storage/blobs/sha256" / lost["digest"].removeprefix("sha256:")).unlink()
+    assert registry.get(path, headers=headers)[0].code == 404
+    assert registry.get("/v2/hello/manifests/latest")[0].code == 200
+    response, data = registry.get(path, headers=headers)
+    assert response.code in (200, 206)
+    assert "sha256:" + hashlib.sha256(data).hexdigest() == lost["digest"]

@@ -11,10 +11,11 @@ from typing import Any
 
 import pytest
 from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.web.server import Request
 
-from nixeryd.site import RegistryChannel, RegistrySite
+from nixeryd.site import REQUEST_READ_DEADLINE, RegistryChannel, RegistrySite
 from nixeryd.testing.harness import FakeNix, Harness, RegistryFactory, building
 
 
@@ -206,3 +207,118 @@ def test_no_access_log_line_when_it_is_off(served: tuple[Harness, list[str]]) ->
     server.exchange(get(paths[0]))
     server.exchange(get("/v2/"))
     assert server.log.getvalue() == ""
+
+
+def refused(response: bytes) -> tuple[bytes, str]:
+    """The status line and error code of a refusal; it closes the connection."""
+    status, headers, body = parse(response)
+    assert headers[b"connection"] == b"close"
+    assert headers[b"content-type"] == b"application/json"
+    assert int(headers[b"content-length"]) == len(body)
+    return status, json.loads(body)["errors"][0]["code"]
+
+
+@pytest.mark.parametrize("method", ["PUT", "POST", "PATCH", "DELETE"])
+@pytest.mark.parametrize("length", ["Content-Length: 107374182400", "Transfer-Encoding: chunked"])
+def test_a_body_on_a_push_method_is_refused_from_the_headers(
+    served: tuple[Harness, list[str]], method: str, length: str
+) -> None:
+    registry, _ = served
+    server = Server(registry)
+    channel, transport = server.connect()
+    channel.dataReceived(get("/v2/hello/blobs/uploads/", length, method=method))
+    assert refused(transport.value()) == (b"HTTP/1.1 405 Method Not Allowed", "UNSUPPORTED")
+    assert parse(transport.value())[1][b"allow"] == b"GET, HEAD"
+    assert transport.disconnecting
+    assert server.requests == 1  # the one twisted.web made for the request line, never run
+
+
+@pytest.mark.parametrize("length", ["107374182400", "9" * 5000, "4097"])
+def test_a_large_get_body_is_refused_from_its_length(
+    served: tuple[Harness, list[str]], length: str
+) -> None:
+    registry, _ = served
+    channel, transport = Server(registry).connect()
+    channel.dataReceived(get("/v2/", f"Content-Length: {length}"))
+    assert refused(transport.value()) == (b"HTTP/1.1 413 Content Too Large", "SIZE_INVALID")
+    assert transport.disconnecting
+
+
+def test_a_large_chunked_get_body_is_refused_as_it_arrives(
+    served: tuple[Harness, list[str]],
+) -> None:
+    registry, _ = served
+    channel, transport = Server(registry).connect()
+    channel.dataReceived(get("/v2/", "Transfer-Encoding: chunked"))
+    for _ in range(10):
+        channel.dataReceived(b"400\r\n" + b"x" * 1024 + b"\r\n")
+    assert refused(transport.value()) == (b"HTTP/1.1 413 Content Too Large", "SIZE_INVALID")
+
+
+def test_a_small_get_body_is_read_and_answered(served: tuple[Harness, list[str]]) -> None:
+    registry, _ = served
+    response = Server(registry).exchange(get("/v2/", "Content-Length: 5") + b"hello")
+    assert parse(response)[0] == b"HTTP/1.1 200 OK"
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [["X-Huge: " + "h" * 70_000], ["X-Big: " + "b" * 9000, "X-Big2: " + "b" * 9000]],
+)
+def test_headers_over_the_limit_are_431(
+    served: tuple[Harness, list[str]], headers: list[str]
+) -> None:
+    registry, _ = served
+    response = Server(registry).exchange(get("/v2/", *headers))
+    assert refused(response) == (b"HTTP/1.1 431 Request Header Fields Too Large", "UNSUPPORTED")
+
+
+def test_too_many_headers_are_431(served: tuple[Harness, list[str]]) -> None:
+    registry, _ = served
+    many = [f"X-{n}: v" for n in range(600)]
+    response = Server(registry).exchange(get("/v2/", *many))
+    assert refused(response)[0] == b"HTTP/1.1 431 Request Header Fields Too Large"
+
+
+def test_a_trickled_request_is_cut_off_at_the_deadline(
+    served: tuple[Harness, list[str]],
+) -> None:
+    registry, _ = served
+    clock = Clock()
+    channel, transport = Server(registry).connect()
+    channel.callLater = clock.callLater  # type: ignore[method-assign]
+    channel.dataReceived(b"GET /v2/ HTTP/1.1\r\n")
+    for _ in range(int(REQUEST_READ_DEADLINE) - 1):
+        clock.advance(1)
+        channel.dataReceived(b"X-Trickle: a\r\n")  # every byte would reset an idle timeout
+    assert transport.value() == b""
+    clock.advance(1)
+    assert refused(transport.value()) == (b"HTTP/1.1 408 Request Timeout", "UNSUPPORTED")
+    assert transport.disconnecting
+
+
+def test_the_deadline_is_per_request_and_not_for_idle_keep_alive(
+    served: tuple[Harness, list[str]],
+) -> None:
+    registry, _ = served
+    clock = Clock()
+    channel, transport = Server(registry).connect()
+    channel.callLater = clock.callLater  # type: ignore[method-assign]
+    channel.dataReceived(get("/v2/", "Connection: keep-alive"))
+    clock.advance(REQUEST_READ_DEADLINE * 2)
+    channel.dataReceived(get("/v2/", "Connection: keep-alive"))
+    assert transport.value().count(b"HTTP/1.1 200 OK") == 2
+    assert not transport.disconnecting
+
+
+def test_the_deadline_covers_a_pipelined_request_left_incomplete(
+    served: tuple[Harness, list[str]],
+) -> None:
+    registry, _ = served
+    clock = Clock()
+    channel, transport = Server(registry).connect()
+    channel.callLater = clock.callLater  # type: ignore[method-assign]
+    channel.dataReceived(get("/v2/") + b"GET /v2/ HTTP/1.1\nHost: a\n")  # bare LFs: never whole
+    assert transport.value().count(b"HTTP/1.1 200 OK") == 1
+    clock.advance(REQUEST_READ_DEADLINE)
+    assert refused(transport.value().split(b"}", 1)[1])[0] == b"HTTP/1.1 408 Request Timeout"

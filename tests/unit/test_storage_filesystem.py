@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import io
 import json
 import os
 import socket
+import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -37,8 +39,8 @@ from zope.interface import provider
 
 from nixeryd.answers import Answers
 from nixeryd.blobserving import _CHUNK_SIZE, _SEND_PIECE, _FileRangeProducer, _SocketBody
-from nixeryd.builtin.filesystem import NAME, FilesystemStorage
-from nixeryd.errors import DigestInvalid
+from nixeryd.builtin.filesystem import NAME, FilesystemStorage, _StagingFile
+from nixeryd.errors import DigestInvalid, StorageFailed, StorageFull
 from nixeryd.site import RegistrySite
 from nixeryd.storage import BlobInfo, Storage
 from nixeryd.testing.memoryhttp import MemoryHTTP
@@ -219,17 +221,28 @@ def test_invalid_digest_is_digest_invalid(storage: FilesystemStorage, digest: st
         storage.serve_blob(BlobInfo(digest, 0, LAYER))
 
 
-def test_stale_tmp_files_are_removed_at_startup(tmp_path: Path) -> None:
+def test_temp_files_without_a_live_writer_are_removed_at_start(tmp_path: Path) -> None:
     FilesystemStorage(tmp_path)
-    stale = tmp_path / "tmp" / "stale"
-    fresh = tmp_path / "tmp" / "fresh"
-    stale.write_bytes(b"left by a crash")
-    fresh.write_bytes(b"being written by another process")
-    two_days_ago = time.time() - 2 * 24 * 3600
-    os.utime(stale, (two_days_ago, two_days_ago))
-    FilesystemStorage(tmp_path)
-    assert not stale.exists()
-    assert fresh.exists()
+    dead = tmp_path / "tmp" / "dead"
+    dead.write_bytes(b"left by a writer killed a moment ago")
+    live = tmp_path / "tmp" / "live"
+    with live.open("wb") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        storage = FilesystemStorage(tmp_path)
+        assert result(storage.start()) is None
+        assert not dead.exists()
+        assert live.exists()
+    assert storage.remove_dead_temps() == 1
+    assert not live.exists()
+
+
+def test_a_sweep_leaves_blobs_being_written_alone(storage: FilesystemStorage) -> None:
+    staged = storage.stage_blob()
+    staged.file.write(b"layer bytes")
+    assert storage.remove_dead_temps() == 0
+    info = result(storage.put_blob(b"small", CONFIG))
+    assert result(staged.commit(digest_of(b"layer bytes"), LAYER)).size == len(b"layer bytes")
+    assert result(storage.read_blob(info.digest)) is not None
 
 
 def test_blocking_work_goes_through_the_runner(tmp_path: Path) -> None:
@@ -381,6 +394,10 @@ def test_head_has_headers_and_no_body(http: BlobClient, info: BlobInfo) -> None:
         ("bytes=-5000", 0, 1024),
         ("bytes=1023-1023", 1023, 1024),
         ("BYTES = 5 - 6", 5, 7),
+        # Positions of any length (Python parses at most 4,300 digits): past every end.
+        ("bytes=0-" + "9" * 5000, 0, 1024),
+        ("bytes=-" + "9" * 5000, 0, 1024),
+        ("bytes=" + "0" * 5000 + "5-6", 5, 7),
     ],
 )
 def test_single_range_is_partial_content(
@@ -404,7 +421,16 @@ def test_head_with_range(http: BlobClient, info: BlobInfo) -> None:
     assert reply.header("Content-Range") == f"bytes 0-9/{len(DATA)}"
 
 
-@pytest.mark.parametrize("range_", ["bytes=1024-", "bytes=5000-6000", "bytes=-0"])
+@pytest.mark.parametrize(
+    "range_",
+    [
+        "bytes=1024-",
+        "bytes=5000-6000",
+        "bytes=-0",
+        "bytes=" + "9" * 5000 + "-",
+        "bytes=" + "9" * 19 + "-",
+    ],
+)
 def test_unsatisfiable_range_is_416(http: BlobClient, info: BlobInfo, range_: str) -> None:
     reply = http.fetch(info, headers={"Range": range_})
     code, body = reply.code, reply.body
@@ -457,6 +483,94 @@ def test_blob_removed_after_stat_is_blob_unknown(
     assert code == 404
     assert reply.header("Content-Type") == "application/json"
     assert json.loads(body)["errors"][0]["code"] == "BLOB_UNKNOWN"
+
+
+def flip_a_byte(path: Path, offset: int = 100) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "flipped"])
+def test_a_damaged_blob_is_never_served_and_is_quarantined(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, damage: str
+) -> None:
+    info = result(FilesystemStorage(tmp_path).put_blob(DATA, LAYER))
+    path = tmp_path / "blobs/sha256" / info.digest.removeprefix("sha256:")
+    if damage == "truncated":
+        os.truncate(path, len(DATA) - 1)
+    else:
+        flip_a_byte(path)
+    restarted = FilesystemStorage(tmp_path)  # a new process: nothing verified yet
+    reply = BlobClient(restarted, monkeypatch).fetch(info)
+    assert reply.code == 404
+    assert json.loads(reply.body)["errors"][0]["code"] == "BLOB_UNKNOWN"
+    assert not path.exists()
+    assert (tmp_path / "quarantine" / path.name).exists()
+    assert result(restarted.stat_blob(info.digest)) is None
+    # The next write of the digest (a rebuild) stores it again, and it is served.
+    assert result(restarted.put_blob(DATA, LAYER)) == info
+    assert BlobClient(restarted, monkeypatch).fetch(info).body == DATA
+
+
+def test_a_size_differing_from_the_record_is_absent(
+    storage: FilesystemStorage, tmp_path: Path
+) -> None:
+    info = result(storage.put_blob(DATA, LAYER))
+    path = tmp_path / "blobs/sha256" / info.digest.removeprefix("sha256:")
+    with path.open("ab") as file:
+        file.write(b"more")
+    assert result(storage.stat_blob(info.digest)) is None
+    assert (tmp_path / "quarantine" / path.name).exists()
+
+
+def test_read_blob_hashes_small_blobs(tmp_path: Path) -> None:
+    info = result(FilesystemStorage(tmp_path).put_blob(DATA, CONFIG))
+    flip_a_byte(tmp_path / "blobs/sha256" / info.digest.removeprefix("sha256:"))
+    restarted = FilesystemStorage(tmp_path)
+    assert result(restarted.read_blob(info.digest)) is None
+    assert result(restarted.stat_blob(info.digest)) is None
+
+
+def test_a_commit_replaces_an_unverified_stored_blob(tmp_path: Path) -> None:
+    info = result(FilesystemStorage(tmp_path).put_blob(DATA, LAYER))
+    path = tmp_path / "blobs/sha256" / info.digest.removeprefix("sha256:")
+    flip_a_byte(path)
+    restarted = FilesystemStorage(tmp_path)
+    staged = restarted.stage_blob()
+    staged.file.write(DATA)
+    assert result(staged.commit(info.digest, LAYER)) == info
+    assert path.read_bytes() == DATA
+
+
+class _FullDisk(io.RawIOBase):
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_storage_faults_are_registry_errors_naming_the_cause(
+    storage: FilesystemStorage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    full = _StagingFile(_FullDisk())
+    with pytest.raises(StorageFull) as caught:
+        full.write(b"x" * (1 << 20))
+    assert caught.value.status == 507
+    assert caught.value.code == "UNAVAILABLE"
+    assert "storage is full" in caught.value.message
+
+    def read_only(*args: Any, **kwargs: Any) -> Any:
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    with pytest.raises(StorageFailed) as refused:
+        storage.stage_blob()
+    assert refused.value.status == 503
+    assert "read-only" in refused.value.message
+    error = failure(storage.put_record("builds/x", b"{}"), StorageFailed)
+    assert "read-only" in str(error)
 
 
 def test_other_methods_are_refused(http: BlobClient, info: BlobInfo) -> None:

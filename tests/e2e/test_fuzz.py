@@ -1,0 +1,51 @@
+"""The fuzz benchmark (benchmarks/fuzz.py) as a test: a seeded, bounded run of malformed
+and odd requests against a real daemon must get no 5xx, no traceback in the log, no
+byte from outside storage and no hang.
+
+A smaller count than the benchmark's 10,000 keeps it within a minute; the seed is
+fixed, so a failure reproduces with ``benchmarks/fuzz --count 2000``.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.conftest import ROOT, nix_env
+from tests.nixinstalls import NixInstallation
+
+pytestmark = pytest.mark.e2e
+
+
+def test_fuzzed_requests_get_no_5xx_traceback_outside_read_or_hang(
+    tmp_path: Path, nix_installation: NixInstallation | None
+) -> None:
+    figures_path = tmp_path / "figures.json"
+    completed = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "fuzz.py"),
+            "--count",
+            "2000",
+            "--workdir",
+            str(tmp_path / "work"),
+            "--json",
+            str(figures_path),
+        ],
+        env=nix_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    figures = json.loads(figures_path.read_text())
+    report = completed.stdout
+    assert figures["requests"] > 2000, report  # pipelines send several per connection
+    assert figures["5xx"] == 0, report
+    assert figures["tracebacks"] == 0, report + (tmp_path / "work" / "nixeryd.log").read_text()
+    assert figures["outside_storage"] == 0, report
+    assert figures["hangs"] == 0, report

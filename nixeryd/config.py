@@ -50,6 +50,10 @@ class Config:
     nix_jobs: int = 0
     #: Nix commands that may wait for one of those; past it a new image is answered 429.
     nix_queue: int = 64
+    #: MiB of store paths (NAR bytes) one image's closure may have; 0: no limit.
+    max_closure_size: int = 0
+    #: MiB of store paths (NAR bytes) one layer may hold; 0: no limit.
+    max_layer_size: int = 0
     #: Long-running evaluators (one per package set and system); 0: a nix-instantiate per image.
     evaluators: int = 4
     #: Resident MiB past which an evaluator is restarted after its answer.
@@ -254,6 +258,20 @@ OPTIONS: tuple[Option, ...] = (
         "Nix commands that may wait for a free one; past that, a new image is answered "
         "429 TOOMANYREQUESTS with Retry-After (0: refuse whenever all run)",
         ("NIXERYD_NIX_QUEUE",),
+        _non_negative_int,
+    ),
+    Option(
+        "max_closure_size",
+        "MiB of store paths (NAR bytes) an image's closure may have; a larger image is "
+        "refused with an error naming the limit, before any layer is written (0: no limit)",
+        ("NIXERYD_MAX_CLOSURE_SIZE",),
+        _non_negative_int,
+    ),
+    Option(
+        "max_layer_size",
+        "MiB of store paths (NAR bytes) one layer may hold; an image needing a larger "
+        "layer is refused with an error naming the limit (0: no limit)",
+        ("NIXERYD_MAX_LAYER_SIZE",),
         _non_negative_int,
     ),
     Option(

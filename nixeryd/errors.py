@@ -89,6 +89,12 @@ class BuildTimedOut(BuildFailed):
     """Nix ran longer than ``NIX_TIMEOUT`` and was killed."""
 
 
+class ImageTooLarge(BuildFailed):
+    """The image's closure or one of its layers is larger than the site allows
+    (``NIXERYD_MAX_CLOSURE_SIZE``, ``NIXERYD_MAX_LAYER_SIZE``); the message names the
+    limit, so that a user can ask for fewer packages or the operator raise it."""
+
+
 class TooManyRequests(RegistryError):
     """More new images are waiting for Nix than the registry queues; answered 429
     with ``Retry-After``, which clients honour, rather than queued without bound."""

@@ -140,6 +140,8 @@ def make_registry(
         on_built=plugins.image_built,
         failure_ttl=config.failure_ttl,
         build_timeout=config.build_timeout,
+        max_closure_bytes=config.max_closure_size * 1024 * 1024,
+        max_layer_bytes=config.max_layer_size * 1024 * 1024,
     )
     images = PlatformFanOut(builder.image, manifests, config.platforms, reactor)
     log.info(

@@ -125,6 +125,39 @@ def test_new_images_past_the_nix_queue_are_told_to_retry(
     assert retried.code == 200, "a refusal was remembered as the image's failure"
 
 
+def _sized_closure(nix: FakeNix, hello_bytes: int) -> Expect:
+    """The closure query, with hello's NAR ``hello_bytes`` long."""
+    report = [
+        {"path": nix.hello, "narSize": hello_bytes, "references": [nix.hello, nix.lib]},
+        {"path": nix.lib, "narSize": 500, "references": []},
+        {"path": nix.cacert, "narSize": 200, "references": []},
+    ]
+    return Expect(["nix", "--extra-experimental-features"], stdout=json.dumps(report).encode())
+
+
+@pytest.mark.parametrize(
+    ("limit", "named"),
+    [
+        ({"max_closure_size": 2}, "(NIXERYD_MAX_CLOSURE_SIZE, 2.0 MiB)"),
+        ({"max_layer_size": 2}, "(NIXERYD_MAX_LAYER_SIZE, 2.0 MiB)"),
+    ],
+)
+def test_an_image_past_a_size_limit_is_refused_naming_it(
+    registry_with: RegistryFactory, nix: FakeNix, limit: dict[str, int], named: str
+) -> None:
+    building_it = [
+        nix.evaluation(),
+        Expect(["nix-store", "--realise"]),
+        _sized_closure(nix, 3 * 1024 * 1024),
+    ]
+    registry = registry_with(*building_it, **limit)
+    response, body = registry.get("/v2/shell/hello/manifests/latest")
+    assert response.code == 404
+    error = json.loads(body)["errors"][0]
+    assert error["code"] == "MANIFEST_UNKNOWN"
+    assert named in error["message"]
+
+
 def test_missing_packages_are_all_named(registry_with: RegistryFactory, nix: FakeNix) -> None:
     registry = registry_with(nix.evaluation(missing=["nope", "nada"]))
     response, body = registry.get("/v2/nope/nada/manifests/latest")

@@ -46,7 +46,14 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from nixeryd.closure import ClosureGraph
-from nixeryd.errors import BuildFailed, BuildTimedOut, RegistryError, first_failure
+from nixeryd.errors import (
+    BuildFailed,
+    BuildTimedOut,
+    ImageTooLarge,
+    RegistryError,
+    TooManyRequests,
+    first_failure,
+)
 from nixeryd.imagename import ImageTarget
 from nixeryd.images import BuiltImage
 from nixeryd.layering import Layer, LayeringStrategy
@@ -100,10 +107,14 @@ class ImageBuilder:
         on_built: Callable[[str, str, str, float], None] = lambda *_: None,
         failure_ttl: float = 60.0,
         build_timeout: float = 3600.0,
+        max_closure_bytes: int = 0,
+        max_layer_bytes: int = 0,
     ) -> None:
         """``failure_ttl`` is how long a moving source's failed image is answered from
         memory (0: never); ``build_timeout`` bounds one image's evaluation, build and
-        layers."""
+        layers. ``max_closure_bytes`` and ``max_layer_bytes`` (0: no limit) bound the
+        NAR bytes of the image's closure and of each layer, checked before any layer
+        is written, so that no storage goes to an image that is refused."""
         self._nix = nix
         self._source = source
         self._layering = layering
@@ -120,6 +131,8 @@ class ImageBuilder:
         self._errors_recorded = 0
         self._failure_ttl = failure_ttl
         self._build_timeout = build_timeout
+        self._max_closure_bytes = max_closure_bytes
+        self._max_layer_bytes = max_layer_bytes
         #: (kind, image, tag or pin, ...) -> (until when, the error answered); oldest first.
         self._failures: OrderedDict[tuple[str, ...], tuple[float, RegistryError]] = OrderedDict()
 
@@ -144,6 +157,8 @@ class ImageBuilder:
             raise remembered[1]
         try:
             built = yield self._bounded(self._built(image, tag, source, popularity), image)
+        except TooManyRequests:
+            raise  # not the image's failure: the next pull may be admitted
         except RegistryError as error:
             self._record_error(image, tag, error)
             # Nix's verdict on the source is remembered; a timeout, or a 5xx (storage
@@ -266,12 +281,14 @@ class ImageBuilder:
         try:
             lap("realise")
             closure: ClosureGraph = yield self._nix.closure(packages, image)
+            self._check_closure_size(image, closure)
             lap("closure")
             # One layer of the budget is the symlink forest's.
             layers: list[Layer] = yield self._run_in_thread(
                 lambda: self._layering.group(closure, popularity, self._budget - 1)
             )
             self._check_layering(closure, layers)
+            self._check_layer_sizes(image, closure, layers)
             lap("layering")
             roots = [package.out_path for package in packages]
             descriptors: list[LayerDescriptor] = yield gatherResults(
@@ -295,6 +312,33 @@ class ImageBuilder:
         finally:
             self._nix.release(gc_roots)
 
+    def _check_closure_size(self, image: ImageTarget, closure: ClosureGraph) -> None:
+        size = sum(path.nar_size for path in closure.paths.values())
+        if self._max_closure_bytes and size > self._max_closure_bytes:
+            raise ImageTooLarge(
+                f"{image.canonical} is {_mib(size)} of store paths, more than this registry "
+                f"builds (NIXERYD_MAX_CLOSURE_SIZE, {_mib(self._max_closure_bytes)}); ask for "
+                "fewer packages, or ask the operator to raise NIXERYD_MAX_CLOSURE_SIZE",
+                detail={"closureBytes": size, "limitBytes": self._max_closure_bytes},
+            )
+
+    def _check_layer_sizes(
+        self, image: ImageTarget, closure: ClosureGraph, layers: Sequence[Layer]
+    ) -> None:
+        if not self._max_layer_bytes:
+            return
+        for layer in layers:
+            size = sum(closure.paths[path].nar_size for path in layer.paths)
+            if size > self._max_layer_bytes:
+                largest = max(layer.paths, key=lambda path: closure.paths[path].nar_size)
+                raise ImageTooLarge(
+                    f"a layer of {image.canonical} would be {_mib(size)} (its largest store "
+                    f"path: {largest}), more than this registry writes "
+                    f"(NIXERYD_MAX_LAYER_SIZE, {_mib(self._max_layer_bytes)}); ask the "
+                    "operator to raise NIXERYD_MAX_LAYER_SIZE",
+                    detail={"layerBytes": size, "limitBytes": self._max_layer_bytes},
+                )
+
     def _check_layering(self, closure: ClosureGraph, layers: Sequence[Layer]) -> None:
         """Refuse a plugin's layering that loses or repeats paths or breaks the budget."""
         placed = [path for layer in layers for path in layer.paths]
@@ -304,3 +348,7 @@ class ImageBuilder:
                 f"{len(placed)} paths for a closure of {len(closure.paths)} paths and a budget "
                 f"of {self._budget - 1}; this is a bug in the strategy"
             )
+
+
+def _mib(size: int) -> str:
+    return f"{size / (1024 * 1024):.1f} MiB"

@@ -46,6 +46,14 @@ class Config:
     #: Seconds a whole image may take: evaluation, builds, closure query and layers.
     build_timeout: float = 3600.0
     failure_ttl: float = 60.0
+    #: Nix commands (evaluations, realisations, closure queries) run at once; 0: one per core.
+    nix_jobs: int = 0
+    #: Nix commands that may wait for one of those; past it a new image is answered 429.
+    nix_queue: int = 64
+    #: MiB of store paths (NAR bytes) one image's closure may have; 0: no limit.
+    max_closure_size: int = 0
+    #: MiB of store paths (NAR bytes) one layer may hold; 0: no limit.
+    max_layer_size: int = 0
     #: Long-running evaluators (one per package set and system); 0: a nix-instantiate per image.
     evaluators: int = 4
     #: Resident MiB past which an evaluator is restarted after its answer.
@@ -237,6 +245,34 @@ OPTIONS: tuple[Option, ...] = (
         "without running Nix; a pinned source's failure is kept for good (0: never)",
         ("NIXERYD_FAILURE_TTL",),
         _non_negative_float,
+    ),
+    Option(
+        "nix_jobs",
+        "Nix commands (evaluations, realisations, closure queries) run at once; the others "
+        "wait in a queue (0: one per core this process may use)",
+        ("NIXERYD_NIX_JOBS",),
+        _non_negative_int,
+    ),
+    Option(
+        "nix_queue",
+        "Nix commands that may wait for a free one; past that, a new image is answered "
+        "429 TOOMANYREQUESTS with Retry-After (0: refuse whenever all run)",
+        ("NIXERYD_NIX_QUEUE",),
+        _non_negative_int,
+    ),
+    Option(
+        "max_closure_size",
+        "MiB of store paths (NAR bytes) an image's closure may have; a larger image is "
+        "refused with an error naming the limit, before any layer is written (0: no limit)",
+        ("NIXERYD_MAX_CLOSURE_SIZE",),
+        _non_negative_int,
+    ),
+    Option(
+        "max_layer_size",
+        "MiB of store paths (NAR bytes) one layer may hold; an image needing a larger "
+        "layer is refused with an error naming the limit (0: no limit)",
+        ("NIXERYD_MAX_LAYER_SIZE",),
+        _non_negative_int,
     ),
     Option(
         "evaluators",

@@ -89,6 +89,26 @@ class BuildTimedOut(BuildFailed):
     """Nix ran longer than ``NIX_TIMEOUT`` and was killed."""
 
 
+class ImageTooLarge(BuildFailed):
+    """The image's closure or one of its layers is larger than the site allows
+    (``NIXERYD_MAX_CLOSURE_SIZE``, ``NIXERYD_MAX_LAYER_SIZE``); the message names the
+    limit, so that a user can ask for fewer packages or the operator raise it."""
+
+
+class TooManyRequests(RegistryError):
+    """More new images are waiting for Nix than the registry queues; answered 429
+    with ``Retry-After``, which clients honour, rather than queued without bound."""
+
+    code = "TOOMANYREQUESTS"
+    status = 429
+
+    def __init__(self, message: str, retry_after: int, detail: Any = None) -> None:
+        super().__init__(message, detail)
+        self.retry_after = retry_after
+        #: Set on the answer, as the HTTP layer does for every error carrying headers.
+        self.headers = [(b"Retry-After", str(retry_after).encode())]
+
+
 def first_failure(failure: Failure) -> Failure:
     """The failure of the first of several concurrent steps that failed (gatherResults
     with ``consumeErrors``), rather than its ``FirstError`` wrapper, so that a client

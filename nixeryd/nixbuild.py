@@ -27,6 +27,7 @@ import json
 import math
 import re
 import shutil
+import signal
 import tempfile
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
@@ -42,6 +43,7 @@ from nixeryd.closure import ClosureGraph
 from nixeryd.errors import BuildFailed, BuildTimedOut, ManifestUnknown
 from nixeryd.evaluator import EvaluatorPool
 from nixeryd.imagename import ImageTarget
+from nixeryd.nixslots import NixSlots
 from nixeryd.process import ProcessResult, ProcessRunner, ProcessTimedOut
 from nixeryd.sources import SourceRef
 
@@ -274,6 +276,7 @@ class Nix:
         overlays: Sequence[str] = (),
         evaluators: EvaluatorPool | None = None,
         unpinned_reuse: float = 0.0,
+        slots: NixSlots | None = None,
     ) -> None:
         """``builder_timeout`` (``NIX_TIMEOUT``) is how long one Nix builder may run and
         may be silent; ``step_timeout`` bounds each Nix invocation as a whole (the
@@ -285,7 +288,11 @@ class Nix:
         With ``evaluators`` (running :func:`repl_argv`), images are evaluated in
         long-running evaluators, one per package set and system; a source without a
         pin (files that may change) reuses one for at most ``unpinned_reuse``
-        seconds, and with 0 gets a ``nix-instantiate`` per image."""
+        seconds, and with 0 gets a ``nix-instantiate`` per image.
+
+        With ``slots``, every step waits for one of its slots (see
+        :mod:`nixeryd.nixslots`): an evaluation may be refused with 429 when too
+        many wait; None runs every step at once."""
         self._processes = processes
         self._nixpkgs_config = None if nixpkgs_config is None else dict(nixpkgs_config)
         self._overlays = tuple(overlays)
@@ -299,6 +306,7 @@ class Nix:
         self._evaluation_identity = _evaluation_identity(self._nixpkgs_config, self._overlays)
         self._unpinned_reuse = unpinned_reuse
         self._evaluators = evaluators
+        self._slots = slots
 
     @property
     def evaluation_identity(self) -> str:
@@ -349,7 +357,12 @@ class Nix:
         fire with its stdout, or fail with the registry error its output calls for."""
         output = _StepOutput(self.log, image, step, self._log_for(image))
         try:
-            result: ProcessResult = yield start(output)
+            if self._slots is None:
+                result: ProcessResult = yield start(output)
+            else:
+                result = yield self._slots.run(
+                    lambda: start(output), may_refuse=step == "evaluation"
+                )
         except ProcessTimedOut as timed_out:
             self.log.error(
                 "{image} {step}: killed after {timeout:g} s",
@@ -365,6 +378,24 @@ class Nix:
             ) from timed_out
         except OSError as error:
             raise BuildFailed(f"{step} of {image}: cannot run {program}: {error}") from error
+        if result.signal is not None:
+            # Killed by someone else (nixeryd's own kills are timeouts or cancellations):
+            # what Nix printed before is no explanation, the signal is.
+            name = _signal_name(result.signal)
+            self.log.error(
+                "{image} {step}: {program} was killed by {signal} ({summary})",
+                image=image,
+                step=step,
+                program=program,
+                signal=name,
+                summary=output.summary(),
+            )
+            raise BuildFailed(
+                f"{step} of {image} was stopped: {program} was killed by {name}, not by "
+                "nixeryd (the operator, the kernel's out-of-memory killer, or a stopping "
+                "system); try again",
+                detail={"step": step, "signal": name},
+            )
         if result.exit_code != 0:
             excerpt = nix_error_excerpt(result.stderr_tail)
             self.log.error(
@@ -513,6 +544,14 @@ class Nix:
             raise BuildFailed(
                 f"closure query of {image.canonical} printed an unexpected result: {error}"
             ) from error
+
+
+def _signal_name(number: int) -> str:
+    """``SIGKILL`` for 9: the name an operator looks for."""
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 def _evaluation_identity(nixpkgs_config: Mapping[str, Any] | None, overlays: Sequence[str]) -> str:

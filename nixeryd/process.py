@@ -4,9 +4,20 @@ Nix is the only program nixeryd runs, and it runs long: builds print their
 logs as they go. :class:`ReactorProcessRunner` spawns the command through the
 reactor (never blocking it), hands each stderr line to a callback the moment
 it is complete, collects stdout, and on timeout kills the command's whole
-process group, so builders Nix started die with it; cancelling the Deferred
-kills it the same way, so a caller's own deadline (a whole image's build)
-stops the command it is waiting for.
+process tree (:func:`kill_tree`), so builders Nix started die with it;
+cancelling the Deferred kills it the same way, so a caller's own deadline (a
+whole image's build) stops the command it is waiting for, and
+:meth:`ReactorProcessRunner.stop` kills every command still running when the
+daemon stops.
+
+A process group is not enough: Nix starts each builder in a session of its
+own (under a ``nixbld`` user), so killing nix-store's group left the builder
+running, reparented to init, finishing a build nobody waits for and
+registering its output. :func:`kill_tree` stops every descendant first, found
+by their parent ids in ``/proc`` across sessions, then kills them all.
+What it cannot reach is a builder already orphaned by a nix-store that died
+some other way (killed by someone else): by then nothing links it to
+nixeryd.
 
 :meth:`ReactorProcessRunner.start` runs a long-lived interactive command the
 same way (its own process group, stderr streamed by line), for a caller that
@@ -38,9 +49,15 @@ _TERMINAL_CONTROL = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 #: Lines of stderr kept for error messages; the log has them all.
 STDERR_TAIL_LINES = 200
 
+#: How much lower than the daemon's the commands' CPU priority is: the daemon answers
+#: cached pulls in milliseconds, and builds on every core must not delay them.
+NICENESS = 10
+
 # Runs the command as the leader of a new session, so that its process group
-# (the command and everything it starts) can be killed as a whole.
-_SESSION_LEADER = "import os, sys; os.setsid(); os.execvp(sys.argv[1], sys.argv[1:])"
+# (the command and everything it starts) can be killed as a whole, at a lower priority.
+_SESSION_LEADER = (
+    f"import os, sys; os.setsid(); os.nice({NICENESS}); os.execvp(sys.argv[1], sys.argv[1:])"
+)
 
 
 @dataclass(frozen=True)
@@ -51,10 +68,12 @@ class ProcessResult:
     exit_code: int
     stdout: bytes
     stderr_tail: tuple[str, ...]
+    #: The signal that killed the command, when one did (then exit_code is 128 + it).
+    signal: int | None = None
 
 
 class ProcessTimedOut(Exception):
-    """The command ran longer than its timeout and was killed with its process group."""
+    """The command ran longer than its timeout and was killed with its process tree."""
 
     def __init__(self, argv: Sequence[str], timeout: float, stderr_tail: Sequence[str]) -> None:
         super().__init__(f"{argv[0]} ran longer than {timeout:g} s")
@@ -74,7 +93,7 @@ class ProcessRunner(Protocol):
     ) -> Deferred[ProcessResult]:
         """Run ``argv``; fire with its result (any exit code), or fail with
         :class:`ProcessTimedOut`. ``on_stderr_line`` sees each line as it arrives.
-        Cancelling the Deferred kills the command and its process group."""
+        Cancelling the Deferred kills the command and its process tree."""
         ...
 
     def start(
@@ -103,7 +122,7 @@ class InteractiveProcess(Protocol):
         ...
 
     def kill(self) -> None:
-        """Kill the command's whole process group; ``ended`` fires once it is gone."""
+        """Kill the command's whole process tree; ``ended`` fires once it is gone."""
         ...
 
     @property
@@ -144,7 +163,7 @@ class _StreamingProtocol(ProcessProtocol):
         self.kill_group()
 
     def kill_group(self) -> None:
-        _kill_group(self.transport)
+        _kill(self.transport)
 
     def processEnded(self, reason: Failure) -> None:
         for line in self._stderr.rest():
@@ -156,8 +175,12 @@ class _StreamingProtocol(ProcessProtocol):
         if exit_code is None:
             self.done.errback(reason)
             return
+        value: Any = reason.value
+        killed_by = getattr(value, "signal", None) if reason.check(ProcessTerminated) else None
         self.done.callback(
-            ProcessResult(self.argv, exit_code, b"".join(self._stdout), tuple(self._tail))
+            ProcessResult(
+                self.argv, exit_code, b"".join(self._stdout), tuple(self._tail), killed_by
+            )
         )
 
 
@@ -183,7 +206,7 @@ class _InteractiveProtocol(ProcessProtocol):
             transport.write(data)
 
     def kill(self) -> None:
-        _kill_group(self.transport)
+        _kill(self.transport)
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         if childFD == 2:
@@ -220,12 +243,66 @@ def _decoded(line: bytes) -> str:
     return _TERMINAL_CONTROL.sub("", text)
 
 
-def _kill_group(transport: Any) -> None:
+def _kill(transport: Any) -> None:
     pid = transport.pid if transport is not None else None
-    if pid is None:
-        return
-    with contextlib.suppress(ProcessLookupError):
+    if pid is not None:
+        kill_tree(pid)
+
+
+def kill_tree(pid: int) -> None:
+    """Kill ``pid``, its process group, and every process descended from it.
+
+    Each descendant is stopped (SIGSTOP) as it is found, so that none forks a
+    child the next look misses; once a look finds no new one, all are killed.
+    Descendants are found by parent id, which crosses the sessions Nix starts
+    its builders in; they must be found before the command dies, when its
+    children would be reparented.
+    """
+    stopped: set[int] = set()
+    while True:
+        found = {pid, *descendants(pid)} - stopped
+        if not found:
+            break
+        for process in found:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(process, signal.SIGSTOP)
+        stopped |= found
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signal.SIGKILL)
+    for process in stopped:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(process, signal.SIGKILL)
+
+
+def descendants(pid: int) -> set[int]:
+    """The processes descended from ``pid`` now, by the parent ids in ``/proc``."""
+    children: dict[int, list[int]] = {}
+    with contextlib.suppress(OSError):
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            parent = _parent(entry.path)
+            if parent is not None:
+                children.setdefault(parent, []).append(int(entry.name))
+    found: set[int] = set()
+    pending = [pid]
+    while pending:
+        for child in children.get(pending.pop(), ()):
+            if child not in found:
+                found.add(child)
+                pending.append(child)
+    return found
+
+
+def _parent(proc_dir: str) -> int | None:
+    """A process's parent id from ``/proc/<pid>/stat``; None once it is gone."""
+    try:
+        with open(f"{proc_dir}/stat", "rb") as stat:
+            # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+            fields = stat.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return int(fields[1]) if len(fields) > 1 else None
 
 
 def _exit_status(reason: Failure) -> int | None:
@@ -244,6 +321,14 @@ class ReactorProcessRunner:
 
     def __init__(self, reactor: Any) -> None:
         self._reactor = reactor
+        #: What is running now, so that :meth:`stop` leaves no command behind.
+        self._running: set[ProcessProtocol] = set()
+
+    def stop(self) -> None:
+        """Kill every command still running, with its process tree: the daemon is
+        stopping, and a build nobody waits for would still fill the Nix store."""
+        for protocol in list(self._running):
+            _kill(protocol.transport)
 
     def run(
         self,
@@ -258,6 +343,7 @@ class ReactorProcessRunner:
         timer = self._reactor.callLater(timeout, protocol.time_out)
 
         def cancel_timer(result: Any) -> Any:
+            self._running.discard(protocol)
             if timer.active():
                 timer.cancel()
             return result
@@ -273,16 +359,24 @@ class ReactorProcessRunner:
     ) -> InteractiveProcess:
         protocol = _InteractiveProtocol(on_stderr_line)
         self._spawn(protocol, argv, env)
+
+        def ended(status: int) -> int:
+            self._running.discard(protocol)
+            return status
+
+        protocol.ended.addCallback(ended)
         return protocol
 
     def _spawn(
         self, protocol: ProcessProtocol, argv: Sequence[str], env: Mapping[str, str] | None
     ) -> Any:
         """Start ``argv`` as the leader of a new process group; its transport."""
-        return self._reactor.spawnProcess(
+        transport = self._reactor.spawnProcess(
             protocol,
             sys.executable,
             [sys.executable, "-S", "-c", _SESSION_LEADER, *argv],
             env=dict(os.environ if env is None else env),
             childFDs={0: "w", 1: "r", 2: "r"},
         )
+        self._running.add(protocol)
+        return transport

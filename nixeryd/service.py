@@ -33,6 +33,7 @@ from nixeryd.fanout import PlatformFanOut
 from nixeryd.layerstore import LayerStore
 from nixeryd.manifeststore import ManifestStore
 from nixeryd.nixbuild import Nix, repl_argv
+from nixeryd.nixslots import NixSlots
 from nixeryd.plugins import Plugins, make_plugin_manager
 from nixeryd.popularity import PopularityLoader, PopularitySource
 from nixeryd.process import ProcessRunner, ReactorProcessRunner
@@ -62,7 +63,11 @@ def make_registry(
     blocks of each layer to another pool as large.
     """
     plugins = plugins or Plugins(make_plugin_manager())
-    processes = processes or ReactorProcessRunner(reactor)
+    if processes is None:
+        runner = ReactorProcessRunner(reactor)
+        # Builds, closure queries and evaluators alike: none outlives the daemon.
+        reactor.addSystemEventTrigger("before", "shutdown", runner.stop)
+        processes = runner
     compress_pool = None
     if run_in_thread is not None:
         write_in_thread = run_in_thread
@@ -117,6 +122,8 @@ def make_registry(
         overlays=config.nixpkgs_overlays,
         evaluators=evaluators,
         unpinned_reuse=config.evaluator_unpinned_ttl,
+        # One Nix command per core, by the layer writers' rule: more would only interleave.
+        slots=NixSlots(layer_pool_size(config.nix_jobs), config.nix_queue),
     )
     manifests = ManifestStore(storage, config.compression)
     builder = ImageBuilder(
@@ -133,6 +140,8 @@ def make_registry(
         on_built=plugins.image_built,
         failure_ttl=config.failure_ttl,
         build_timeout=config.build_timeout,
+        max_closure_bytes=config.max_closure_size * 1024 * 1024,
+        max_layer_bytes=config.max_layer_size * 1024 * 1024,
     )
     images = PlatformFanOut(builder.image, manifests, config.platforms, reactor)
     log.info(

@@ -46,6 +46,8 @@ class Expect:
     stdout: bytes = b""
     stderr: Sequence[str] = ()
     exit_code: int = 0
+    #: The signal that "killed" the command (then exit_code should be 128 + it).
+    signal: int | None = None
     timed_out: bool = False
     gate: Deferred[None] | None = None
     calls: list[Sequence[str]] = field(default_factory=list)
@@ -99,7 +101,13 @@ class ExpectingProcessRunner:
             if expect.timed_out:
                 return fail(ProcessTimedOut(argv, 1.0, expect.stderr))
             return succeed(
-                ProcessResult(tuple(argv), expect.exit_code, expect.stdout, tuple(expect.stderr))
+                ProcessResult(
+                    tuple(argv),
+                    expect.exit_code,
+                    expect.stdout,
+                    tuple(expect.stderr),
+                    expect.signal,
+                )
             )
 
         if expect.gate is None:

@@ -162,6 +162,17 @@ def test_a_failed_nixpkgs_build_is_summarised_at_info_and_kept_whole() -> None:
     assert "more errors: the derivations that depend on it were not built" in message
 
 
+def test_a_nix_store_killed_by_someone_else_says_so() -> None:
+    """Not the substituter warnings it printed before: those explain nothing."""
+    warning = "warning: error: unable to download 'https://cache.nixos.org/x.narinfo'"
+    nix, _ = nix_with(Expect(["nix-store", "--realise"], exit_code=137, signal=9, stderr=[warning]))
+    package = ResolvedPackage("hello", "hello", "/nix/store/x-hello.drv", "/nix/store/x-hello")
+    failure = failureResultOf(nix.realise([package], parse_image_name("hello").targets([AMD64])[0]))
+    assert failure.check(BuildFailed)
+    assert "nix-store was killed by SIGKILL, not by nixeryd" in failure.value.message
+    assert "unable to download" not in failure.value.message
+
+
 def test_a_build_log_keeps_a_bounded_number_of_lines() -> None:
     build_log = BuildLog("linux/amd64:hello")
     for number in range(BUILD_LOG_LINES + 5):

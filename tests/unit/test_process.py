@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import signal
+import subprocess
 import sys
+import time
 from typing import Any
 
 import pytest
@@ -12,7 +14,13 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 
-from nixeryd.process import ProcessResult, ProcessTimedOut, ReactorProcessRunner
+from nixeryd.process import (
+    ProcessResult,
+    ProcessTimedOut,
+    ReactorProcessRunner,
+    descendants,
+    kill_tree,
+)
 
 
 @pytest_twisted.inlineCallbacks
@@ -68,6 +76,83 @@ def test_timeout_kills_the_whole_process_group(tmp_path: Any) -> Any:
         yield deferLater(reactor, 0.02, lambda: None)
     else:
         pytest.fail("the grandchild survived the timeout")
+
+
+#: A child that starts a grandchild in a session of its own, as Nix starts its
+#: builders: a kill of the child's process group misses it.
+_SESSION_ESCAPING_CHILD = (
+    "import os, subprocess, sys, time\n"
+    "p = subprocess.Popen(['sleep', '60'], start_new_session=True)\n"
+    "open(sys.argv[1], 'w').write(str(p.pid))\n"
+    "print('started', file=sys.stderr, flush=True)\n"
+    "time.sleep(60)\n"
+)
+
+
+@pytest_twisted.inlineCallbacks
+def _gone(pid: int) -> Any:
+    for _ in range(100):
+        if not _alive(pid):
+            return True
+        yield deferLater(reactor, 0.02, lambda: None)
+    return False
+
+
+@pytest_twisted.inlineCallbacks
+def test_timeout_kills_a_grandchild_in_another_session(tmp_path: Any) -> Any:
+    pid_file = tmp_path / "builder.pid"
+    started = time.monotonic()
+    with pytest.raises(ProcessTimedOut):
+        yield ReactorProcessRunner(reactor).run(
+            [sys.executable, "-c", _SESSION_ESCAPING_CHILD, str(pid_file)],
+            timeout=1.0,
+            on_stderr_line=lambda line: None,
+        )
+    # A surviving grandchild holds the stderr pipe: the timeout would be answered
+    # only when it ends on its own.
+    assert time.monotonic() - started < 10, "the timeout waited for the grandchild to end"
+    assert (yield _gone(int(pid_file.read_text()))), "the grandchild survived the timeout"
+
+
+@pytest_twisted.inlineCallbacks
+def test_stopping_the_runner_kills_what_runs_with_its_tree(tmp_path: Any) -> Any:
+    pid_file = tmp_path / "builder.pid"
+    runner = ReactorProcessRunner(reactor)
+    started: Deferred[None] = Deferred()
+    running = runner.run(
+        [sys.executable, "-c", _SESSION_ESCAPING_CHILD, str(pid_file)],
+        timeout=60,
+        on_stderr_line=lambda line: started.callback(None),
+    )
+    yield started
+    runner.stop()
+    result: ProcessResult = yield running
+    assert result.signal == signal.SIGKILL
+    assert result.exit_code == 128 + signal.SIGKILL
+    assert (yield _gone(int(pid_file.read_text()))), "the grandchild survived the stop"
+
+
+def test_descendants_cross_sessions(tmp_path: Any) -> None:
+    pid_file = tmp_path / "builder.pid"
+    child = subprocess.Popen(
+        [sys.executable, "-c", _SESSION_ESCAPING_CHILD, str(pid_file)], stderr=subprocess.PIPE
+    )
+    try:
+        assert child.stderr is not None
+        child.stderr.readline()
+        grandchild = int(pid_file.read_text())
+        assert grandchild in descendants(child.pid)
+        kill_tree(child.pid)
+        child.wait(timeout=10)
+        for _ in range(100):
+            if not _alive(grandchild):
+                break
+            time.sleep(0.02)
+        else:
+            pytest.fail("kill_tree left the grandchild running")
+    finally:
+        child.kill()
+        child.wait()
 
 
 def _alive(pid: int) -> bool:

@@ -106,6 +106,58 @@ def test_ten_concurrent_requests_run_one_build(
     assert [len(expect.calls) for expect in expectations] == [1, 1, 1]
 
 
+def test_new_images_past_the_nix_queue_are_told_to_retry(
+    registry_with: RegistryFactory, nix: FakeNix
+) -> None:
+    gate: Deferred[None] = Deferred()
+    registry = registry_with(*building(nix, gate=gate), nix_jobs=1, nix_queue=0)
+    first = registry.treq.get("http://registry/v2/shell/hello/manifests/latest")
+    registry.treq.flush()
+    refused, body = registry.get("/v2/shell/other/manifests/latest")
+    assert refused.code == 429
+    assert header(refused, "Retry-After") == "10"
+    error = json.loads(body)["errors"][0]
+    assert error["code"] == "TOOMANYREQUESTS"
+    assert "NIXERYD_NIX_JOBS" in error["message"]
+    gate.callback(None)
+    assert registry.settle(first).code == 200
+    retried, _ = registry.get("/v2/shell/other/manifests/latest")
+    assert retried.code == 200, "a refusal was remembered as the image's failure"
+
+
+def _sized_closure(nix: FakeNix, hello_bytes: int) -> Expect:
+    """The closure query, with hello's NAR ``hello_bytes`` long."""
+    report = [
+        {"path": nix.hello, "narSize": hello_bytes, "references": [nix.hello, nix.lib]},
+        {"path": nix.lib, "narSize": 500, "references": []},
+        {"path": nix.cacert, "narSize": 200, "references": []},
+    ]
+    return Expect(["nix", "--extra-experimental-features"], stdout=json.dumps(report).encode())
+
+
+@pytest.mark.parametrize(
+    ("limit", "named"),
+    [
+        ({"max_closure_size": 2}, "(NIXERYD_MAX_CLOSURE_SIZE, 2.0 MiB)"),
+        ({"max_layer_size": 2}, "(NIXERYD_MAX_LAYER_SIZE, 2.0 MiB)"),
+    ],
+)
+def test_an_image_past_a_size_limit_is_refused_naming_it(
+    registry_with: RegistryFactory, nix: FakeNix, limit: dict[str, int], named: str
+) -> None:
+    building_it = [
+        nix.evaluation(),
+        Expect(["nix-store", "--realise"]),
+        _sized_closure(nix, 3 * 1024 * 1024),
+    ]
+    registry = registry_with(*building_it, **limit)
+    response, body = registry.get("/v2/shell/hello/manifests/latest")
+    assert response.code == 404
+    error = json.loads(body)["errors"][0]
+    assert error["code"] == "MANIFEST_UNKNOWN"
+    assert named in error["message"]
+
+
 def test_missing_packages_are_all_named(registry_with: RegistryFactory, nix: FakeNix) -> None:
     registry = registry_with(nix.evaluation(missing=["nope", "nada"]))
     response, body = registry.get("/v2/nope/nada/manifests/latest")

@@ -1,0 +1,126 @@
+"""Nix work is bounded and never outlives what started it.
+
+Nix starts each builder in a session of its own under a ``nixbld`` user: a
+build nixeryd stops (its own deadline, NIX_TIMEOUT, or the daemon stopping)
+must take the builder with it, or the builder finishes a build nobody waits
+for and registers ``slow`` in the store. The processes are watched through the
+daemon's descendants in ``/proc`` while the build runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nixeryd.process import descendants
+from tests.e2e.conftest import Daemon
+from tests.e2e.test_pull import error_of, fetch
+
+pytestmark = pytest.mark.e2e
+
+
+class _Builders:
+    """The ``sleep`` of the test package ``slow`` under a daemon, sampled until stopped."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self._root = daemon.process.pid
+        self.seen: set[int] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            for pid in descendants(self._root):
+                if _command(pid).startswith("sleep"):
+                    self.seen.add(pid)
+            time.sleep(0.05)
+
+    def wait_for_one(self) -> None:
+        deadline = time.monotonic() + 60
+        while not self.seen:
+            assert time.monotonic() < deadline, "the build of slow never started its sleep"
+            time.sleep(0.05)
+
+    def stop(self) -> set[int]:
+        """The builders seen that still run, a moment after the build ended."""
+        self._stop.set()
+        self._thread.join()
+        time.sleep(0.5)
+        return {pid for pid in self.seen if _command(pid).startswith("sleep")}
+
+
+def _command(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def _pull_slow(daemon: Daemon) -> tuple[_Builders, Any]:
+    builders = _Builders(daemon)
+    try:
+        return builders, fetch(daemon, "/v2/slow/manifests/latest")
+    except BaseException:
+        builders.stop()
+        raise
+
+
+@pytest.mark.parametrize(
+    ("limits", "said"),
+    [
+        ({"NIXERYD_BUILD_TIMEOUT": "3", "NIX_TIMEOUT": "60"}, "took longer than the build timeout"),
+        ({"NIX_TIMEOUT": "2"}, "ran longer than NIX_TIMEOUT (2 s)"),
+    ],
+    ids=["build-timeout", "nix-timeout"],
+)
+def test_a_stopped_build_leaves_no_builder(
+    tmp_path: Path, limits: dict[str, str], said: str
+) -> None:
+    daemon = Daemon(tmp_path / "bounded", **limits)
+    try:
+        builders, (status, _, body) = _pull_slow(daemon)
+        left = builders.stop()
+        _kill(left)
+        assert status == 404
+        assert said in error_of(body)["message"]
+        assert builders.seen, "the build of slow never started its sleep"
+        assert left == set(), f"the stopped build left builders running: {left}"
+    finally:
+        daemon.stop()
+
+
+def test_stopping_the_daemon_kills_its_running_builds(tmp_path: Path) -> None:
+    daemon = Daemon(tmp_path / "stopping", NIX_TIMEOUT="60")
+    builders = _Builders(daemon)
+    pull = threading.Thread(target=_pull_until_stopped, args=(daemon,))
+    pull.start()
+    try:
+        builders.wait_for_one()
+        daemon.process.send_signal(signal.SIGTERM)
+        daemon.process.wait(timeout=30)
+    finally:
+        left = builders.stop()
+        daemon.stop()
+        pull.join()
+        _kill(left)
+    assert left == set(), f"the stopped daemon left builders running: {left}"
+
+
+def _kill(builders: set[int]) -> None:
+    """Never leave a builder to finish and register slow in the shared store."""
+    for pid in builders:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _pull_until_stopped(daemon: Daemon) -> None:
+    with contextlib.suppress(OSError):  # the daemon stops mid-answer, on purpose
+        fetch(daemon, "/v2/slow/manifests/latest")

@@ -1,5 +1,6 @@
 """The ``nixeryd`` command: ``nixeryd serve`` runs the daemon; ``nixeryd popcount``
-computes popularity data for it (see :mod:`nixeryd.popcount`).
+computes popularity data for it (see :mod:`nixeryd.popcount`); ``nixeryd build``
+builds one image into files, without a registry (see :mod:`nixeryd.export`).
 
 Options come from :data:`nixeryd.config.OPTIONS`, so every option is a flag,
 an environment variable (Nixery's names) and a config-file key alike.
@@ -7,8 +8,10 @@ an environment variable (Nixery's names) and a config-file key alike.
 
 from __future__ import annotations
 
+import getopt
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -83,11 +86,61 @@ class PopcountOptions(usage.Options):
             raise usage.UsageError("--chunk-size and --eval-jobs must be at least 1")
 
 
+class BuildOptions(usage.Options):
+    """``nixeryd build``: build one image with the daemon's builder and write it to files."""
+
+    synopsis = "nixeryd build NAME[:TAG] -o (oci:DIR[:REF] | docker-archive:FILE[:REF]) [options]"
+    optParameters: ClassVar[list[list[Any]]] = [
+        ["output", "o", None, "where to write the image: oci:DIR[:REF], an OCI image layout "
+         "(umoci, skopeo; REF defaults to the tag), or docker-archive:FILE[:REF], a tarball "
+         "for docker load and podman load (REF defaults to NAME:TAG)"],
+        ["platform", None, None, "build for this platform alone, such as linux/arm64 (default: "
+         "the configured platforms; a docker-archive holds the first)"],
+        ["config", "c", None, "TOML config file (also $NIXERYD_CONFIG), as for serve"],
+        *[[option.name.replace("_", "-"), None, None, option.help] for option in OPTIONS],
+    ]  # fmt: skip
+
+    def parseOptions(self, options: Sequence[str] | None = None) -> None:
+        """Options may follow NAME too (``nixeryd build shell/hello -o oci:DIR``): Twisted's
+        parser, like getopt's, would stop at the first argument."""
+        try:
+            flags, arguments = getopt.gnu_getopt(list(options or ()), self.shortOpt, self.longOpt)
+        except getopt.error as error:
+            raise usage.UsageError(str(error)) from error
+        ordered: list[str] = []
+        for flag, value in flags:
+            if flag.startswith("--"):
+                ordered.append(f"{flag}={value}" if f"{flag[2:]}=" in self.longOpt else flag)
+            else:
+                ordered += [flag, value] if f"{flag[1]}:" in self.shortOpt else [flag]
+        super().parseOptions([*ordered, "--", *arguments])
+
+    # Twisted reads the positional arguments from this signature; its stub has none.
+    def parseArgs(self, reference: str) -> None:  # type: ignore[override]
+        """NAME[:TAG]: the image name a pull would give, such as shell/hello or hello:v1"""
+        self["reference"] = reference
+
+    def postOptions(self) -> None:
+        from nixeryd.export import parse_output
+        from nixeryd.platform import parse_platform
+
+        if self["output"] is None:
+            raise usage.UsageError("say where to write the image: -o oci:DIR or "
+                                   "-o docker-archive:FILE")  # fmt: skip
+        try:
+            self["output"] = parse_output(self["output"])
+            if self["platform"] is not None:
+                self["platform"] = parse_platform(self["platform"])
+        except ValueError as error:
+            raise usage.UsageError(str(error)) from error
+
+
 class Options(usage.Options):
     synopsis = "nixeryd <command> [options]"
     subCommands: ClassVar[list[list[Any]]] = [
         ["serve", None, ServeOptions, "Run the registry"],
         ["popcount", None, PopcountOptions, "Compute popularity data (NIX_POPULARITY_URL)"],
+        ["build", None, BuildOptions, "Build one image into an OCI layout or a docker-archive"],
     ]
 
     def opt_version(self) -> None:
@@ -97,7 +150,7 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         if self.subCommand is None:
-            raise usage.UsageError("name a command: serve, popcount")
+            raise usage.UsageError("name a command: serve, popcount, build")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -109,6 +162,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     if options.subCommand == "popcount":
         popcount(options.subOptions)
+    elif options.subCommand == "build":
+        build(options.subOptions)
     else:
         serve(options.subOptions)
 
@@ -235,3 +290,80 @@ def _popcount(reactor: Any, options: Any) -> Any:
         raise SystemExit(1)
 
     return counted.addCallbacks(write, fail)
+
+
+def build(options: Any) -> None:
+    """Build the image and write it; exit 1 with the registry's message if it cannot be built
+    or written, 2 for a configuration error. Logs (Nix's included) go to stderr."""
+    from twisted.internet import task
+
+    from nixeryd.logs import start_logging
+
+    settings = {
+        key.replace("-", "_"): value
+        for key, value in options.items()
+        if key not in ("reference", "output", "platform")
+    }
+    config_file = settings.pop("config", None) or os.environ.get("NIXERYD_CONFIG")
+    try:
+        config = load_config(settings, os.environ, Path(config_file) if config_file else None)
+    except (ConfigError, ValueError) as error:
+        print(f"nixeryd: configuration error: {error}", file=sys.stderr)
+        sys.exit(2)
+    start_logging(config.log_format, stream=sys.stderr, level=config.log_level)
+    failures: list[str] = []
+    try:
+        task.react(lambda reactor: _build(reactor, config, options, failures))
+    finally:
+        # After the reactor's own last lines, so that the reason is the last line.
+        for failure in failures:
+            print(f"nixeryd build: {failure}", file=sys.stderr)
+
+
+def _build(reactor: Any, config: Any, options: Any, failures: list[str]) -> Any:
+    import shutil
+    import tempfile
+    from dataclasses import replace
+
+    from treq.client import HTTPClient
+    from twisted.web.client import Agent
+
+    from nixeryd.errors import RegistryError
+    from nixeryd.export import Exporter, OutputFailed, parse_reference
+    from nixeryd.service import make_registry
+
+    # Configured storage is reused, so that a daemon on it later serves these layers
+    # without building them; with none configured, nothing is left behind.
+    temporary = None
+    if not {"storage_backend", "storage_path"} & set(config.origins):
+        temporary = tempfile.mkdtemp(prefix="nixeryd-build-")
+        config = replace(config, storage_path=temporary)
+    try:
+        registry = make_registry(config, reactor)
+    except (ConfigError, ValueError) as error:
+        failures.append(f"configuration error: {error}")
+        raise SystemExit(2) from error
+    storage = registry.storage
+    exporter = Exporter(registry.images, storage, HTTPClient(Agent(reactor)), reactor)  # type: ignore[arg-type]
+    name, tag = parse_reference(options["reference"])
+
+    def built(_: Any) -> Any:
+        exported = exporter.export(name, tag, options["output"], options["platform"])
+        return exported.addBoth(lambda result: storage.stop().addBoth(lambda _: result))
+
+    def not_started(failure: Any) -> None:
+        failures.append(f"storage backend did not start: {failure.getErrorMessage()}")
+        raise SystemExit(1)
+
+    def clean(result: Any) -> Any:
+        if temporary is not None:
+            shutil.rmtree(temporary, ignore_errors=True)
+        return result
+
+    def fail(failure: Any) -> None:
+        failure.trap(RegistryError, OutputFailed)
+        failures.append(failure.getErrorMessage())
+        raise SystemExit(1)
+
+    exported = storage.start().addCallbacks(built, not_started)
+    return exported.addBoth(clean).addErrback(fail)

@@ -97,6 +97,9 @@ class Config:
     plugin_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     #: The environment the configuration was read from, where providers' settings are read.
     environment: Mapping[str, str] = field(default_factory=dict, repr=False)
+    #: Where each option set was set (``--flag``, ``$VARIABLE``, ``file: key``); an option
+    #: left at its default is absent. ``nixeryd build`` uses storage only if it is configured.
+    origins: Mapping[str, str] = field(default_factory=dict, repr=False)
 
     @property
     def compression(self) -> Compression:
@@ -457,7 +460,7 @@ def load_config(
         origins["listen"] = "--listen"
 
     _choose_package_source(values, origins)
-    config = Config(**values, environment=dict(environ))
+    config = Config(**values, environment=dict(environ), origins=dict(origins))
     _check_compression(config, origins)
     return config
 

@@ -102,6 +102,12 @@ class RegistryApp:
         return self._storage
 
     @property
+    def images(self) -> PlatformFanOut:
+        """The images on the configured platforms, for ``nixeryd build`` to build without a
+        request (:mod:`nixeryd.export`)."""
+        return self._images
+
+    @property
     def answers(self) -> Answers:
         """The remembered responses, for the HTTP channel to serve before parsing a request."""
         return self._answers

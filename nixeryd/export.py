@@ -18,11 +18,14 @@ Two outputs, as skopeo names them:
 ``docker-archive:FILE[:REF]``
     what ``docker save`` writes and ``docker load`` and ``podman load`` read:
     a tar of ``manifest.json`` (``Config``, ``RepoTags`` with ``REF``, default
-    ``NAME:TAG``, and ``Layers``) and the blobs. The layers are the
-    registry's compressed blobs as they are: both loaders decompress a
-    layer and check it against the config's ``diff_ids``, which are those
-    of the uncompressed tars. The format holds one platform: the chosen one,
-    else the first configured.
+    ``NAME:TAG``, and ``Layers``) and the blobs. gzip layers are the
+    registry's blobs as they are: both loaders decompress a layer and check
+    it against the config's ``diff_ids``, which are those of the
+    uncompressed tars. zstd layers (``layer_compressor = "zstd"``) are
+    written uncompressed, since Docker 20.10's ``docker load`` cannot read
+    zstd (podman can): their digests are then their diff_ids, not the
+    registry's blob digests, which is inherent. The format holds one
+    platform: the chosen one, else the first configured.
 
 Blobs are read through the storage contract, as the registry serves them
 (:meth:`nixeryd.storage.Storage.serve_blob`): a redirect is followed over
@@ -38,6 +41,7 @@ These writes block the reactor: the command serves nothing else meanwhile.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
@@ -47,7 +51,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, cast
+from typing import IO, Any, Protocol, cast
 
 import treq
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
@@ -60,7 +64,7 @@ from nixeryd.errors import BlobUnknown, NameInvalid, RegistryError, StorageFaile
 from nixeryd.fanout import PlatformFanOut
 from nixeryd.imagename import ImageName, is_valid_tag, parse_image_name
 from nixeryd.images import StoredManifest, TaggedImage
-from nixeryd.manifest import OCI_INDEX, Choice
+from nixeryd.manifest import OCI_INDEX, OCI_LAYER_ZSTD, Choice
 from nixeryd.platform import Platform
 from nixeryd.storage import BlobInfo, Redirect, Storage
 
@@ -221,33 +225,56 @@ class Exporter:
     @inlineCallbacks
     def _write_archive(self, manifest: StoredManifest, path: Path, reference: str) -> Any:
         document = json.loads(manifest.data)
-        config = document["config"]["digest"]
-        layers = [layer["digest"] for layer in document["layers"]]
-        entries = [
-            {
-                "Config": _blob_name(config),
-                "RepoTags": [reference],
-                "Layers": [_blob_name(layer) for layer in layers],
-            }
+        config = io.BytesIO()
+        yield self._copy(document["config"]["digest"], config)
+        diff_ids = json.loads(config.getvalue())["rootfs"]["diff_ids"]
+        layers = document["layers"]
+        # A zstd layer goes in as its tar, named by its diff_id (its digest uncompressed).
+        names = [
+            _blob_name(diff_id if layer["mediaType"] == OCI_LAYER_ZSTD else layer["digest"])
+            for layer, diff_id in zip(layers, diff_ids, strict=True)
         ]
-        written = 0
+        config_name = _blob_name(document["config"]["digest"])
+        entries = [{"Config": config_name, "RepoTags": [reference], "Layers": names}]
         with _writing(f"writing {path}"), _staged(path) as out:
             _tar_member(out, "manifest.json", json.dumps(entries).encode())
-            for digest in [config, *layers]:
-                info: BlobInfo = yield self._stat(digest)
-                out.write(_tar_header(_blob_name(digest), info.size))
-                yield self._copy(digest, out)
+            _tar_member(out, config_name, config.getvalue())
+            for layer, diff_id, name in zip(layers, diff_ids, names, strict=True):
+                if layer["mediaType"] == OCI_LAYER_ZSTD:
+                    yield self._copy_decompressed(layer["digest"], diff_id, name, out)
+                    continue
+                info: BlobInfo = yield self._stat(layer["digest"])
+                out.write(_tar_header(name, info.size))
+                yield self._copy(layer["digest"], out)
                 out.write(_tar_padding(info.size))
-                written += info.size
             out.write(_tar_end(out.tell()))
+            size = out.tell()
         log.info(
             "wrote {reference} ({digest}, {layers} layers, {mib:.1f} MiB) to docker-archive:{path}",
             reference=reference,
             digest=manifest.digest,
             layers=len(layers),
-            mib=written / (1024 * 1024),
+            mib=size / (1024 * 1024),
             path=path,
         )
+
+    @inlineCallbacks
+    def _copy_decompressed(self, digest: str, diff_id: str, name: str, out: IO[bytes]) -> Any:
+        """Write zstd layer ``digest`` to the archive ``out`` as the tar member ``name``,
+        uncompressed: its size is known once it is written, so its header is written last."""
+        header_at = out.tell()
+        out.write(_tar_header(name, 0))
+        start = out.tell()
+        tar = _Decompressed(out)
+        yield self._copy(digest, tar)
+        if tar.digest != diff_id:
+            raise StorageFailed(f"layer {digest} does not decompress to its diff_id {diff_id}")
+        size = out.tell() - start
+        out.write(_tar_padding(size))
+        end = out.tell()
+        out.seek(header_at)
+        out.write(_tar_header(name, size))
+        out.seek(end)
 
     @inlineCallbacks
     def _stat(self, digest: str) -> Any:
@@ -257,7 +284,7 @@ class Exporter:
         return info
 
     @inlineCallbacks
-    def _copy(self, digest: str, out: IO[bytes]) -> Any:
+    def _copy(self, digest: str, out: _Writer) -> Any:
         """Write blob ``digest`` from storage to ``out``, checked against its digest and size."""
         info: BlobInfo = yield self._stat(digest)
         answer = self._storage.serve_blob(info)
@@ -359,6 +386,33 @@ def _tar_end(offset: int) -> bytes:
     return b"\0" * (2 * tarfile.BLOCKSIZE + (-end % tarfile.RECORDSIZE))
 
 
+class _Writer(Protocol):
+    """Where a blob's bytes go: a file, or :class:`_Decompressed` in front of one."""
+
+    def write(self, data: bytes, /) -> object: ...
+
+
+class _Decompressed:
+    """Writes a zstd layer's tar into ``out`` as it arrives, hashing the tar: its digest
+    must be the layer's diff_id."""
+
+    def __init__(self, out: IO[bytes]) -> None:
+        import zstandard  # installed wherever layers are zstd (layer_compressor = "zstd")
+
+        self._out = out
+        self._decompressor = zstandard.ZstdDecompressor().decompressobj()
+        self._hash = hashlib.sha256()
+
+    def write(self, data: bytes) -> None:
+        tar = self._decompressor.decompress(data)
+        self._out.write(tar)
+        self._hash.update(tar)
+
+    @property
+    def digest(self) -> str:
+        return f"sha256:{self._hash.hexdigest()}"
+
+
 class _FileResponse:
     """A GET of a blob whose response body goes into a file.
 
@@ -373,7 +427,7 @@ class _FileResponse:
     method = b"GET"
     sentLength = 0
 
-    def __init__(self, out: IO[bytes], clock: Any) -> None:
+    def __init__(self, out: _Writer, clock: Any) -> None:
         self.requestHeaders = Headers()
         self.responseHeaders = Headers()
         self.code = 200

@@ -222,9 +222,14 @@ def test_podman_loads_a_docker_archive_and_runs_it(podman: Any, tmp_path: Path) 
 
 
 @pytest.mark.clients
-def test_docker_loads_a_docker_archive_and_runs_it(dockerd: list[str], tmp_path: Path) -> None:
+@pytest.mark.parametrize("compressor", ["isal", "zstd"])
+def test_docker_loads_a_docker_archive_and_runs_it(
+    compressor: str, dockerd: list[str], tmp_path: Path
+) -> None:
+    """Docker 20.10 reads gzip layers, the registry's blobs; zstd ones go in uncompressed."""
     archive = tmp_path / "hello.tar"
-    built("shell/hello", "-o", f"docker-archive:{archive}", tmp_path=tmp_path)
+    built("shell/hello", "-o", f"docker-archive:{archive}", tmp_path=tmp_path,
+          NIXERYD_LAYER_COMPRESSOR=compressor)  # fmt: skip
     loaded = test_clients.run(*dockerd, "load", "-i", str(archive))
     assert "Loaded image: shell/hello:latest" in loaded
     hello = test_clients.run(*dockerd, "run", "--rm", "--network", "none", "shell/hello", "hello")

@@ -90,6 +90,17 @@ class BuildOptions(usage.Options):
     """``nixeryd build``: build one image with the daemon's builder and write it to files."""
 
     synopsis = "nixeryd build NAME[:TAG] -o (oci:DIR[:REF] | docker-archive:FILE[:REF]) [options]"
+    longdesc = (
+        "Builds NAME (an image name as pulled: shell/hello, arm64/git/htop) at TAG (default "
+        "latest) with the daemon's builder and settings, and writes it without a registry. The "
+        "OCI layout holds the registry's manifest and blobs, byte for byte; the docker-archive "
+        "its gzip layers as they are (zstd ones uncompressed). Storage: the configured one "
+        "(--storage-path, $STORAGE_PATH, --storage-backend, a config file), which a daemon on "
+        "it then serves without building again; none configured, a temporary directory, "
+        "removed. Logs, Nix's included, go to stderr (--log-level debug: every line Nix "
+        "prints). Exit status: 0 written; 1 the image could not be built or written (the "
+        "registry's message); 2 a usage or configuration error."
+    )
     optParameters: ClassVar[list[list[Any]]] = [
         ["output", "o", None, "where to write the image: oci:DIR[:REF], an OCI image layout "
          "(umoci, skopeo; REF defaults to the tag), or docker-archive:FILE[:REF], a tarball "

@@ -345,10 +345,11 @@ def _build(reactor: Any, config: Any, options: Any, failures: list[str]) -> Any:
 
     # Configured storage is reused, so that a daemon on it later serves these layers
     # without building them; with none configured, nothing is left behind.
-    temporary = None
     if not {"storage_backend", "storage_path"} & set(config.origins):
         temporary = tempfile.mkdtemp(prefix="nixeryd-build-")
         config = replace(config, storage_path=temporary)
+        # After the layer writers have stopped, also when a signal ends the build.
+        reactor.addSystemEventTrigger("after", "shutdown", shutil.rmtree, temporary, True)
     try:
         registry = make_registry(config, reactor)
     except (ConfigError, ValueError) as error:
@@ -366,15 +367,10 @@ def _build(reactor: Any, config: Any, options: Any, failures: list[str]) -> Any:
         failures.append(f"storage backend did not start: {failure.getErrorMessage()}")
         raise SystemExit(1)
 
-    def clean(result: Any) -> Any:
-        if temporary is not None:
-            shutil.rmtree(temporary, ignore_errors=True)
-        return result
-
     def fail(failure: Any) -> None:
         failure.trap(RegistryError, OutputFailed)
         failures.append(failure.getErrorMessage())
         raise SystemExit(1)
 
     exported = storage.start().addCallbacks(built, not_started)
-    return exported.addBoth(clean).addErrback(fail)
+    return exported.addErrback(fail)

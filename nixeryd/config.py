@@ -99,7 +99,7 @@ class Config:
     environment: Mapping[str, str] = field(default_factory=dict, repr=False)
     #: Where each option set was set (``--flag``, ``$VARIABLE``, ``file: key``); an option
     #: left at its default is absent. ``nixeryd build`` uses storage only if it is configured.
-    origins: Mapping[str, str] = field(default_factory=dict, repr=False)
+    origins: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def compression(self) -> Compression:

@@ -326,9 +326,10 @@ def _read_index(path: Path) -> dict[str, Any]:
         raise OutputFailed(
             f"{path} is not an OCI index ({error}); choose another directory"
         ) from error
-    if not isinstance(index, dict) or not isinstance(index.get("manifests"), list):
+    entries = index.get("manifests") if isinstance(index, dict) else None
+    if not isinstance(entries, list) or not all(isinstance(entry, dict) for entry in entries):
         raise OutputFailed(f"{path} is not an OCI index; choose another directory")
-    return index
+    return dict(index)
 
 
 @contextmanager

@@ -11,10 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 
-from nixeryd.errors import BlobUnknown, StorageFailed
+from nixeryd.cli import BuildOptions
+from nixeryd.errors import BlobUnknown, NameInvalid, StorageFailed
 from nixeryd.export import (
     DOCKER_ARCHIVE,
     OCI,
@@ -25,7 +27,8 @@ from nixeryd.export import (
     parse_output,
     parse_reference,
 )
-from nixeryd.manifest import OCI_MANIFEST
+from nixeryd.manifest import OCI_INDEX, OCI_MANIFEST
+from nixeryd.platform import AMD64, ARM64
 from nixeryd.storage import BlobInfo, Redirect
 from nixeryd.testing.harness import FakeNix, Harness, RegistryFactory, building
 
@@ -280,3 +283,68 @@ def test_zstd_layers_go_into_a_docker_archive_as_their_tars(
         assert f"sha256:{hashlib.sha256(layer).hexdigest()}" == diff_id
         with tarfile.open(fileobj=io.BytesIO(layer)) as inner:
             assert inner.getnames()
+
+
+def test_several_platforms_go_into_a_layout_as_the_registrys_index(
+    registry_with: RegistryFactory, nix: FakeNix, tmp_path: Path
+) -> None:
+    registry = registry_with(*building(nix), *building(nix), platforms=(AMD64, ARM64))
+    layout = tmp_path / "oci"
+    registry.settle(exporter(registry).export("hello", "latest", Output(OCI, layout)))
+    [entry] = json.loads((layout / "index.json").read_text())["manifests"]
+    _, body = registry.get("/v2/hello/manifests/latest", headers={"Accept": OCI_INDEX})
+    assert entry["mediaType"] == OCI_INDEX and "platform" not in entry
+    assert entry["digest"] == f"sha256:{hashlib.sha256(body).hexdigest()}"
+    blobs = layout / "blobs" / "sha256"
+    for listed in json.loads(body)["manifests"]:
+        manifest = json.loads((blobs / listed["digest"].split(":")[1]).read_bytes())
+        for digest in blob_digests(manifest):
+            assert (blobs / digest.split(":")[1]).is_file()
+
+    archive = tmp_path / "hello.tar"
+    registry.settle(exporter(registry).export("hello", "latest", Output(DOCKER_ARCHIVE, archive)))
+    with tarfile.open(archive) as tar:
+        [archived] = json.load(tar.extractfile("manifest.json"))  # type: ignore[arg-type]
+        config = json.load(tar.extractfile(archived["Config"]))  # type: ignore[arg-type]
+    assert config["architecture"] == "amd64"  # the first configured platform
+
+
+def test_the_platform_chosen_is_built_alone(
+    registry_with: RegistryFactory, nix: FakeNix, tmp_path: Path
+) -> None:
+    registry = registry_with(*building(nix), platforms=(AMD64, ARM64))
+    layout = tmp_path / "oci"
+    registry.settle(exporter(registry).export("hello", "latest", Output(OCI, layout), ARM64))
+    [entry] = json.loads((layout / "index.json").read_text())["manifests"]
+    assert entry["mediaType"] == OCI_MANIFEST
+    assert entry["platform"] == {"architecture": "arm64", "os": "linux", "variant": "v8"}
+    with pytest.raises(NameInvalid, match="is for linux/arm64"):
+        registry.settle(
+            exporter(registry).export("arm64/hello", "latest", Output(OCI, layout), AMD64)
+        )
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["hello"], "say where to write the image"),
+        (["hello", "-o", "tar:x"], "unknown output"),
+        (["hello", "--platform", "plan9/mips", "-o", "oci:x"], "unknown platform"),
+        (["-o", "oci:x"], "Wrong number of arguments"),
+        (["hello", "extra", "-o", "oci:x"], "Wrong number of arguments"),
+        (["hello", "--no-such-flag", "-o", "oci:x"], "no-such-flag"),
+    ],
+)
+def test_build_usage_errors(argv: list[str], message: str) -> None:
+    with pytest.raises(usage.UsageError, match=message):
+        BuildOptions().parseOptions(argv)
+
+
+def test_build_options_may_follow_the_name() -> None:
+    options = BuildOptions()
+    options.parseOptions(["shell/hello:v1", "-o", "oci:out:x", "--layer-budget=20", "--platform",
+                          "linux/arm64", "--storage-path", ""])  # fmt: skip
+    assert options["reference"] == "shell/hello:v1"
+    assert options["output"] == Output(OCI, Path("out"), "x")
+    assert options["platform"] == ARM64
+    assert (options["layer-budget"], options["storage-path"]) == ("20", "")

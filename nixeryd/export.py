@@ -54,6 +54,7 @@ from pathlib import Path
 from typing import IO, Any, Protocol, cast
 
 import treq
+import zstandard
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -398,8 +399,6 @@ class _Decompressed:
     must be the layer's diff_id."""
 
     def __init__(self, out: IO[bytes]) -> None:
-        import zstandard  # installed wherever layers are zstd (layer_compressor = "zstd")
-
         self._out = out
         self._decompressor = zstandard.ZstdDecompressor().decompressobj()
         self._hash = hashlib.sha256()

@@ -269,7 +269,6 @@ def test_a_redirect_is_followed_and_its_bytes_checked(
 def test_zstd_layers_go_into_a_docker_archive_as_their_tars(
     registry_with: RegistryFactory, nix: FakeNix, tmp_path: Path
 ) -> None:
-    pytest.importorskip("zstandard")
     registry = registry_with(*building(nix), layer_compressor="zstd")
     archive = tmp_path / "hello.tar"
     registry.settle(exporter(registry).export("hello", "latest", Output(DOCKER_ARCHIVE, archive)))

@@ -379,6 +379,19 @@ in
       }
     ];
 
+    warnings =
+      lib.optional
+        (lib.all (key: cfg.settings.${key} == null) [
+          "pkgs_path"
+          "pkgs_repo"
+          "channel"
+          "package_source"
+        ])
+        ''
+          services.nixeryd: no package set (settings.pkgs_path, pkgs_repo or channel): nixeryd
+          serves its example set, whose programs are a /usr/bin/busybox that NixOS does not have.
+        '';
+
     environment.etc.${configPath}.text = configText;
 
     users.users.nixeryd = {

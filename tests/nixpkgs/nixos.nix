@@ -72,6 +72,7 @@ let
         inherit (config.nix.settings) allowed-users trusted-users extra-allowed-users;
       };
       firewall = config.networking.firewall.allowedTCPPorts;
+      warnings = lib.filter (lib.hasPrefix "services.nixeryd") config.warnings;
       failedAssertions = map (assertion: assertion.message) (
         lib.filter (
           assertion: !assertion.assertion && lib.hasPrefix "services.nixeryd" assertion.message

@@ -296,8 +296,12 @@ def test_socket_activation(systems: dict[str, Any]) -> None:
     assert systems["sample"]["sockets"] == {}
 
 
-def test_mistakes_are_refused_by_assertions(systems: dict[str, Any]) -> None:
+def test_mistakes_are_refused_or_warned_about(systems: dict[str, Any]) -> None:
     assert systems["sample"]["failedAssertions"] == []
+    assert systems["sample"]["warnings"] == systems["served"]["warnings"] == []
+    # The example package set's busybox is not on NixOS: a system without a package set.
+    (warning,) = systems["socket"]["warnings"]
+    assert "no package set" in warning
     mistakes = systems["mistakes"]
     assert [message.split(": ")[1] for message in mistakes["noListener"]] == ["no listener"]
     assert "services.nixeryd.listen, not settings.listen" in mistakes["settingsListen"][0]

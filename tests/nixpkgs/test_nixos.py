@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,7 +27,7 @@ import pytest
 
 from nixeryd.config import OPTIONS, load_config
 from tests.e2e.conftest import TEST_PACKAGES, free_port, require
-from tests.nixinstalls import NixInstallation
+from tests.nixinstalls import NixInstallation, installations
 from tests.nixpkgs.test_package import ROOT, instantiate
 
 REPO_UNIT = ROOT / "systemd" / "nixeryd.service"
@@ -334,22 +335,26 @@ def test_systemd_verifies_the_units(systems: dict[str, Any], tmp_path: Path) -> 
 
 
 @pytest.mark.e2e
+@pytest.mark.parametrize("nix", installations(), ids=lambda nix: nix.label)
 def test_the_socket_starts_nixeryd_which_serves_a_pull(
-    systems: dict[str, Any], modern_nix: NixInstallation, tmp_path: Path
+    systems: dict[str, Any], nix: NixInstallation, tmp_path: Path
 ) -> None:
     """As systemd would run it: the socket listens, the first connection starts the unit's
-    command with the module's file, and nixeryd adopts the socket (``systemd:`` endpoint).
+    command with the module's file, and nixeryd adopts the socket (``systemd:`` endpoint)
+    and builds the image with Nix (each installation, as the end-to-end tests run).
     The unit's environment names a NixOS host's paths and its Nix daemon; here nixeryd
     uses the test's Nix store directly."""
     require("systemd-socket-activate", "skopeo")
     served = systems["served"]
+    storage = Path(tomllib.loads(served["toml"])["storage_path"])
+    shutil.rmtree(storage, ignore_errors=True)  # built by this Nix, not the one before
     (listen_stream,) = served["sockets"]["nixeryd"]["listenStreams"]
     config = tmp_path / "nixeryd.toml"
     config.write_text(served["toml"])
     command = unit_settings(here(served["unit"], served["package"]))["ExecStart"]
     assert command[-2:] == ["--config", "/etc/nixeryd/nixeryd.toml"]
     log_path = tmp_path / "nixeryd.log"
-    env = modern_nix.env() | {"NIXERYD_GC_ROOTS": str(tmp_path / "gcroots")}
+    env = nix.env() | {"NIXERYD_GC_ROOTS": str(tmp_path / "gcroots")}
     # --fdname: systemd names a socket unit's descriptors after it (LISTEN_FDNAMES), and
     # Twisted adopts none when the names are missing.
     activate = ["systemd-socket-activate", "--listen", listen_stream, "--fdname=nixeryd.socket"]
@@ -370,4 +375,4 @@ def test_the_socket_starts_nixeryd_which_serves_a_pull(
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=30)
     # What it built went to the module's storage_path.
-    assert any(Path(tomllib.loads(served["toml"])["storage_path"]).rglob("*"))
+    assert any(storage.rglob("*"))

@@ -86,8 +86,9 @@ let
     in
     {
       listenStream = "${if ipv6 then "[${address}]" else address}:${toString cfg.socketActivation.port}";
-      # The socket systemd passes first (index 0), of the family it was bound in.
-      endpoint = "systemd:domain=${if ipv6 then "INET6" else "INET"}:index=0";
+      # The socket systemd passes by its name (FileDescriptorName=, as in
+      # systemd/nixeryd.socket), of the family it was bound in.
+      endpoint = "systemd:domain=${if ipv6 then "INET6" else "INET"}:name=nixeryd";
     };
 
   listen = optional cfg.socketActivation.enable socketEndpoint.endpoint ++ cfg.listen;
@@ -160,7 +161,7 @@ in
     socketActivation = {
       enable = mkEnableOption ''
         socket activation: systemd listens (nixeryd.socket) and starts nixeryd on the
-        first connection, passing it the socket (`systemd:domain=INET:index=0`)
+        first connection, passing it the socket (`systemd:domain=INET:name=nixeryd`)
       '';
       port = mkOption {
         type = types.port;
@@ -413,6 +414,7 @@ in
       description = "nixeryd container registry socket";
       wantedBy = [ "sockets.target" ];
       listenStreams = [ socketEndpoint.listenStream ];
+      socketConfig.FileDescriptorName = "nixeryd";
     };
 
     systemd.services.nixeryd = {
@@ -453,8 +455,9 @@ in
         LimitNOFILE = 65536;
         Restart = "on-failure";
         RestartSec = "2s";
-        # Nix commands run as children; stop them with the daemon.
-        KillMode = "control-group";
+        # SIGTERM to nixeryd alone, which ends the Nix commands it runs (and their
+        # builders) itself; what is left when it has exited is killed.
+        KillMode = "mixed";
         TimeoutStopSec = "30s";
         UMask = "0027";
 

@@ -64,10 +64,12 @@ SERVICE: dict[str, str] = {
     "Type": "notify",
     "NotifyAccess": "main",
     "WatchdogSec": "30s",
+    "KillMode": "mixed",
 }
-#: Compared with the repository's unit only once that unit speaks the notify protocol
-#: (it names NotifyAccess or WatchdogSec): before, it is Type=simple on purpose.
-READINESS = ("Type", "NotifyAccess", "WatchdogSec")
+#: The daemon's lifecycle: compared with the repository's unit only once that unit
+#: speaks the notify protocol (it names NotifyAccess or WatchdogSec), as before it is
+#: Type=simple, and stops the Nix commands by their control group, on purpose.
+LIFECYCLE = ("Type", "NotifyAccess", "WatchdogSec", "KillMode")
 ENVIRONMENT: dict[str, str] = {
     "NIX_REMOTE": "daemon",
     "HOME": "/var/lib/nixeryd",
@@ -196,7 +198,7 @@ def test_the_unit_is_hardened_as_the_repository_unit(systems: dict[str, Any], ke
     module = unit_settings(systems["sample"]["unit"])
     assert normal(key, module.get(key, ["(unset)"])) == normal(key, SERVICE[key].split())
     repository = unit_settings(REPO_UNIT.read_text())
-    if key in READINESS and not {"NotifyAccess", "WatchdogSec"} & set(repository):
+    if key in LIFECYCLE and not {"NotifyAccess", "WatchdogSec"} & set(repository):
         pytest.skip(f"{REPO_UNIT.name} does not speak the notify protocol yet")
     if key not in repository:
         pytest.skip(f"{REPO_UNIT.name} has no {key}= yet")
@@ -264,7 +266,7 @@ def test_the_file_is_the_settings_and_nixeryd_reads_it(
 
 def test_unset_settings_leave_nixeryds_defaults(systems: dict[str, Any]) -> None:
     assert tomllib.loads(systems["socket"]["toml"]) == {
-        "listen": ["systemd:domain=INET:index=0"],
+        "listen": ["systemd:domain=INET:name=nixeryd"],
         "storage_path": "/var/lib/nixeryd/storage",
     }
 
@@ -293,7 +295,7 @@ def test_socket_activation(systems: dict[str, Any]) -> None:
     assert "nixeryd.socket" in unit_settings(socket["unit"], "Unit")["After"]
     socket6 = systems["socket6"]
     assert socket6["sockets"]["nixeryd"]["listenStreams"] == ["[::1]:9000"]
-    assert tomllib.loads(socket6["toml"])["listen"] == ["systemd:domain=INET6:index=0"]
+    assert tomllib.loads(socket6["toml"])["listen"] == ["systemd:domain=INET6:name=nixeryd"]
     assert systems["sample"]["sockets"] == {}
 
 
@@ -355,9 +357,9 @@ def test_the_socket_starts_nixeryd_which_serves_a_pull(
     assert command[-2:] == ["--config", "/etc/nixeryd/nixeryd.toml"]
     log_path = tmp_path / "nixeryd.log"
     env = nix.env() | {"NIXERYD_GC_ROOTS": str(tmp_path / "gcroots")}
-    # --fdname: systemd names a socket unit's descriptors after it (LISTEN_FDNAMES), and
-    # Twisted adopts none when the names are missing.
-    activate = ["systemd-socket-activate", "--listen", listen_stream, "--fdname=nixeryd.socket"]
+    # The socket unit's FileDescriptorName=, which systemd passes in LISTEN_FDNAMES.
+    (name,) = unit_settings(served["socketUnit"], "Socket")["FileDescriptorName"]
+    activate = ["systemd-socket-activate", "--listen", listen_stream, f"--fdname={name}"]
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             [*activate, *command[:-1], str(config)],

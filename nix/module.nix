@@ -52,17 +52,22 @@ let
   # read and checked from an evaluation alone (tests/nixpkgs/test_nixos.py parses it
   # with nixeryd's own loader). The value type is still formats.toml's.
   #
-  # JSON's spelling of strings, numbers and booleans is TOML's; the top two levels of
-  # tables are sections (`[plugin.s3]`), deeper ones inline (`{ env = "VAR" }`), as the
-  # configuration reference writes them. Paths are copied to the store.
-  tomlKey = key: if builtins.match "[A-Za-z0-9_-]+" key != null then key else builtins.toJSON key;
+  # JSON's spelling of strings, numbers and booleans is TOML's, but for DEL, which TOML
+  # wants escaped; the top two levels of tables are sections (`[plugin.s3]`), deeper
+  # ones inline (`{ env = "VAR" }`), as the configuration reference writes them. Paths
+  # are copied to the store.
+  tomlString =
+    text: builtins.replaceStrings [ (builtins.fromJSON ''"\u007f"'') ] [ "\\u007f" ] (builtins.toJSON text);
+  tomlKey = key: if builtins.match "[A-Za-z0-9_-]+" key != null then key else tomlString key;
   isTable = value: builtins.isAttrs value && !lib.isStringLike value;
   tomlValue =
     value:
     if lib.isStringLike value then
-      builtins.toJSON "${value}"
+      tomlString "${value}"
     else if builtins.isList value then
       "[" + concatMapStringsSep ", " tomlValue value + "]"
+    else if value == { } then
+      "{ }"
     else if isTable value then
       "{ " + concatStringsSep ", " (mapAttrsToList tomlPair value) + " }"
     else

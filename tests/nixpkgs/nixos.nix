@@ -109,6 +109,23 @@ let
         secret_key.env = "S3_SECRET";
         "odd key" = "quote \" backslash \\ newline \n end";
       };
+      # A table of a provider not in use (nixeryd warns and ignores it), with what TOML
+      # spells differently from Nix.
+      plugin.other = {
+        mixed = [
+          1
+          2.5
+          1.0e20
+          true
+          "x"
+          { inline = 1; }
+          [ ]
+        ];
+        text = "ünïcødé 名前, tab\t, control ${builtins.fromJSON ''"\u0001 \u007f"''}";
+        "ключ" = "unicode key";
+        nested.deeper.value = 1;
+        empty = { };
+      };
     };
   };
 in

@@ -244,6 +244,13 @@ def test_the_file_is_the_settings_and_nixeryd_reads_it(
                 "secret_key": {"env": "S3_SECRET"},
                 "odd key": 'quote " backslash \\ newline \n end',
             },
+            "other": {
+                "mixed": [1, 2.5, 1e20, True, "x", {"inline": 1}, []],
+                "text": "ünïcødé 名前, tab\t, control \x01 \x7f",
+                "ключ": "unicode key",
+                "nested": {"deeper": {"value": 1}},
+                "empty": {},
+            },
         },
     }
     # Sections only for the top two levels, as the configuration reference writes them.

@@ -72,8 +72,13 @@ class Config:
     nix_bin_dir: str | None = None
     log_format: str = "text"
     log_level: str = "info"
-    #: Log a line per request (twisted.web's combined log format).
+    #: Log a line per request (:mod:`nixeryd.accesslog`), in ``log_format``.
     access_log: bool = True
+    #: Serve Prometheus metrics at /metrics (:mod:`nixeryd.metrics`).
+    metrics: bool = True
+    #: Endpoints serving /metrics alone, without authentication; empty: /metrics is on
+    #: the registry's own listeners, behind its authentication policy.
+    metrics_listen: tuple[str, ...] = ()
     layer_compressor: str = field(default_factory=default_compressor)
     #: None: the compressor's default level.
     layer_compression_level: int | None = None
@@ -395,6 +400,20 @@ OPTIONS: tuple[Option, ...] = (
         parse_boolean,
     ),
     Option(
+        "metrics",
+        "serve Prometheus metrics at /metrics: true or false",
+        ("NIXERYD_METRICS",),
+        parse_boolean,
+    ),
+    Option(
+        "metrics_listen",
+        "comma-separated Twisted endpoints serving /metrics alone, without authentication, "
+        "such as tcp:9090:interface=127.0.0.1 (default: /metrics on the registry's listeners, "
+        "behind its authentication)",
+        ("NIXERYD_METRICS_LISTEN",),
+        _names,
+    ),
+    Option(
         "layer_compressor",
         "layer compressor: isal (gzip, fast; the default where installed), zlib (gzip)"
         " or zstd (OCI tar+zstd layers, served in OCI manifests only)",
@@ -462,6 +481,11 @@ def load_config(
     _choose_package_source(values, origins)
     config = Config(**values, environment=dict(environ), origins=dict(origins))
     _check_compression(config, origins)
+    if config.metrics_listen and not config.metrics:
+        raise ConfigError(
+            f"metrics_listen (from {origins['metrics_listen']}) is set but metrics "
+            f"(from {origins['metrics']}) is false: set one or the other"
+        )
     return config
 
 

@@ -20,6 +20,7 @@ from nixeryd.compression import Compression
 from nixeryd.forest import symlink_forest
 from nixeryd.layering import Layer
 from nixeryd.manifest import LayerDescriptor, layer_media_type
+from nixeryd.metrics import Metrics
 from nixeryd.runtime import ThreadRunner
 from nixeryd.singleflight import SingleFlight
 from nixeryd.storage import Storage
@@ -39,9 +40,11 @@ class LayerStore:
         storage: Storage,
         compression: Compression,
         write_in_thread: ThreadRunner,
+        metrics: Metrics,
         compress_pool: Executor | None = None,
     ) -> None:
         self._storage = storage
+        self._metrics = metrics
         self._compression = compression
         #: The layers' compressor and level: part of every key of what they make up.
         self.compression = compression
@@ -85,7 +88,9 @@ class LayerStore:
         if record is not None:
             cached = LayerDescriptor(**json.loads(record))
             if (yield self._storage.stat_blob(cached.digest)) is not None:
+                self._metrics.cache("layer_record", hit=True)
                 return cached
+        self._metrics.cache("layer_record", hit=False)
         staged = self._storage.stage_blob()
         try:
             digests: LayerDigests = yield self._write_in_thread(lambda: write(staged.file))
@@ -94,5 +99,6 @@ class LayerStore:
             raise
         info = yield staged.commit(digests.digest, layer_media_type(self._compression.format))
         descriptor = LayerDescriptor(digest=info.digest, size=info.size, diff_id=digests.diff_id)
+        self._metrics.layer_written(self._compression.compressor, info.size)
         yield self._storage.put_record(record_name, json.dumps(descriptor.__dict__).encode())
         return descriptor

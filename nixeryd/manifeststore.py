@@ -43,6 +43,7 @@ from nixeryd.manifest import (
     image_manifest,
     index_forms_for,
 )
+from nixeryd.metrics import Metrics
 from nixeryd.platform import Platform
 from nixeryd.storage import Storage
 
@@ -55,8 +56,9 @@ class ManifestStore:
 
     log = Logger()
 
-    def __init__(self, storage: Storage, compression: Compression) -> None:
+    def __init__(self, storage: Storage, compression: Compression, metrics: Metrics) -> None:
         self._storage = storage
+        self._metrics = metrics
         self._compression = compression
         self._local: OrderedDict[str, BuiltImage] = OrderedDict()
         self._indexes: OrderedDict[tuple[str, ...], Mapping[str, StoredManifest]] = OrderedDict()
@@ -85,15 +87,19 @@ class ManifestStore:
         """The image recorded under ``key`` (a :class:`BuiltImage`), or None."""
         if key in self._local:
             self._local.move_to_end(key)
+            self._metrics.cache("manifests", hit=True)
             return self._local[key]
+        self._metrics.cache("manifests", hit=False)
         record = yield self._storage.get_record(f"manifests/{key}")
         if record is None:
+            self._metrics.cache("manifest_record", hit=False)
             return None
         manifests = {}
         forms = forms_for(self._compression.format)
         for form, digest in json.loads(record).items():
             blob = yield self._storage.read_blob(digest)
             if blob is None or form not in forms:
+                self._metrics.cache("manifest_record", hit=False)
                 return None
             manifests[form] = StoredManifest(forms[form][0], digest, blob.data)
         for digest in _blobs_named(manifests.values()):
@@ -103,7 +109,9 @@ class ManifestStore:
                     key=key,
                     digest=digest,
                 )
+                self._metrics.cache("manifest_record", hit=False)
                 return None
+        self._metrics.cache("manifest_record", hit=True)
         built = BuiltImage(platform, manifests)
         self._keep_local(key, built)
         return built

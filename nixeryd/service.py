@@ -9,11 +9,12 @@ client; tests call it with fakes.
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, cast
 
 from treq.client import HTTPClient
 from twisted.application.service import MultiService, Service
@@ -24,7 +25,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.resource import IResource
 
+from nixeryd.accesslog import AccessLog
 from nixeryd.auth import Gate
 from nixeryd.builder import ImageBuilder
 from nixeryd.config import Config
@@ -32,6 +35,7 @@ from nixeryd.evaluator import EvaluatorLimits, EvaluatorPool, Repl
 from nixeryd.fanout import PlatformFanOut
 from nixeryd.layerstore import LayerStore
 from nixeryd.manifeststore import ManifestStore
+from nixeryd.metrics import MeasuredStorage, Metrics, MetricsPage, MetricsSite
 from nixeryd.nixbuild import Nix, repl_argv
 from nixeryd.nixslots import NixSlots
 from nixeryd.plugins import Plugins, make_plugin_manager
@@ -54,8 +58,11 @@ def make_registry(
     http: Any = None,
     processes: ProcessRunner | None = None,
     run_in_thread: Callable[[Callable[[], Any]], Deferred[Any]] | None = None,
+    metrics: Metrics | None = None,
 ) -> RegistryApp:
     """The registry application, with every dependency built from ``config`` unless given.
+
+    Every stage counts what it does in ``metrics`` (a new set when not given).
 
     Given ``run_in_thread`` (tests) runs every blocking call, layer writes
     included; otherwise short blocking calls go to the reactor's pool, layer
@@ -89,7 +96,12 @@ def make_registry(
         processes=processes,
         run_in_thread=run_in_thread,
     )
-    storage = plugins.storage_backend(config.storage_backend).create_with(runtime)
+    metrics = metrics or Metrics()
+    storage = MeasuredStorage(
+        plugins.storage_backend(config.storage_backend).create_with(runtime),
+        config.storage_backend,
+        metrics,
+    )
     source = plugins.package_source(config.package_source).create_with(runtime)
     layering = plugins.layering_strategy(config.layering_strategy).create_with(runtime)
     gate = None
@@ -110,8 +122,12 @@ def make_registry(
             idle=config.evaluator_idle,
             request_timeout=config.build_timeout,
         )
-        evaluators = EvaluatorPool(Repl(processes, reactor, repl_argv(config.nix_bin_dir), limits))
+        repl = Repl(processes, reactor, repl_argv(config.nix_bin_dir), limits, metrics=metrics)
+        evaluators = EvaluatorPool(repl)
         reactor.addSystemEventTrigger("before", "shutdown", evaluators.stop)
+    # One Nix command per core, by the layer writers' rule: more would only interleave.
+    slots = NixSlots(layer_pool_size(config.nix_jobs), config.nix_queue)
+    metrics.watch_nix(lambda: slots.running, lambda: slots.waiting)
     nix = Nix(
         processes,
         builder_timeout=config.nix_timeout,
@@ -122,10 +138,9 @@ def make_registry(
         overlays=config.nixpkgs_overlays,
         evaluators=evaluators,
         unpinned_reuse=config.evaluator_unpinned_ttl,
-        # One Nix command per core, by the layer writers' rule: more would only interleave.
-        slots=NixSlots(layer_pool_size(config.nix_jobs), config.nix_queue),
+        slots=slots,
     )
-    manifests = ManifestStore(storage, config.compression)
+    manifests = ManifestStore(storage, config.compression, metrics)
     builder = ImageBuilder(
         nix=nix,
         source=source,
@@ -133,7 +148,7 @@ def make_registry(
         layering_name=config.layering_strategy,
         layer_budget=config.layer_budget,
         popularity=PopularitySource(PopularityLoader(runtime.http), config.popularity_url),
-        layers=LayerStore(storage, config.compression, write_in_thread, compress_pool),
+        layers=LayerStore(storage, config.compression, write_in_thread, metrics, compress_pool),
         manifests=manifests,
         run_in_thread=run_in_thread,
         clock=reactor,
@@ -142,6 +157,7 @@ def make_registry(
         build_timeout=config.build_timeout,
         max_closure_bytes=config.max_closure_size * 1024 * 1024,
         max_layer_bytes=config.max_layer_size * 1024 * 1024,
+        metrics=metrics,
     )
     images = PlatformFanOut(builder.image, manifests, config.platforms, reactor)
     log.info(
@@ -154,7 +170,10 @@ def make_registry(
         budget=config.layer_budget,
         compression=config.compression.key,
     )
-    return RegistryApp(images, builder, storage, source, gate)
+    page = None
+    if config.metrics and not config.metrics_listen:
+        page = cast(IResource, MetricsPage(metrics))
+    return RegistryApp(images, builder, storage, source, metrics, gate, metrics_page=page)
 
 
 #: Idle connections kept per host: an object store is asked many small things at once
@@ -196,13 +215,25 @@ def _layer_pool_runner(reactor: Any, size: int) -> Callable[[Callable[[], Any]],
     return run
 
 
-def make_service(config: Config, reactor: Any, **overrides: Any) -> StorageFirst:
-    """The daemon's service tree: storage, then one listening service per configured endpoint."""
-    registry = make_registry(config, reactor, **overrides)
+def make_service(
+    config: Config, reactor: Any, *, log_stream: IO[str] | None = None, **overrides: Any
+) -> StorageFirst:
+    """The daemon's service tree: storage, then one listening service per configured endpoint
+    (and per ``metrics_listen`` endpoint). The access log goes to ``log_stream``, by default
+    standard output, where :func:`nixeryd.logs.start_logging` sends the rest of the log."""
+    metrics = Metrics()
+    registry = make_registry(config, reactor, metrics=metrics, **overrides)
+    access_log = None
+    if config.access_log:
+        access_log = AccessLog(log_stream or sys.stdout, config.log_format, reactor)
     site = RegistrySite(
-        registry.resource(), registry.answers, access_log=config.access_log, gate=registry.gate
+        registry.resource(), registry.answers, metrics, access_log=access_log, gate=registry.gate
     )
     root = StorageFirst(registry.storage, reactor)
+    if config.metrics_listen:
+        scrapes = MetricsSite(metrics)
+        for endpoint in config.metrics_listen:
+            endpoint_service(endpoint, scrapes, reactor=reactor).setServiceParent(root)  # type: ignore[arg-type]
     for endpoint in config.listen:
         if endpoint.startswith("ssl:"):
             # Twisted's own ssl: endpoint reads its certificate once; this one reloads it.

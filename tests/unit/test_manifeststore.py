@@ -11,6 +11,7 @@ from nixeryd.builtin.filesystem import FilesystemStorage
 from nixeryd.compression import Compression
 from nixeryd.manifest import LayerDescriptor
 from nixeryd.manifeststore import ManifestStore
+from nixeryd.metrics import Metrics
 from nixeryd.platform import host_platform
 
 LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
@@ -26,7 +27,7 @@ def result(d: Deferred[Any]) -> Any:
 def stored_image(storage: FilesystemStorage) -> tuple[ManifestStore, LayerDescriptor]:
     layer = result(storage.put_blob(b"layer bytes", LAYER))
     descriptor = LayerDescriptor(layer.digest, layer.size, layer.digest)
-    store = ManifestStore(storage, Compression.default("zlib"))
+    store = ManifestStore(storage, Compression.default("zlib"), Metrics())
     built = result(store.write(host_platform(), [descriptor], ["hello"]))
     result(store.remember("key", built))
     return store, descriptor
@@ -35,10 +36,10 @@ def stored_image(storage: FilesystemStorage) -> tuple[ManifestStore, LayerDescri
 def test_a_record_naming_a_missing_layer_is_not_answered(tmp_path: Path) -> None:
     storage = FilesystemStorage(tmp_path)
     _, layer = stored_image(storage)
-    restarted = ManifestStore(storage, Compression.default("zlib"))
+    restarted = ManifestStore(storage, Compression.default("zlib"), Metrics())
     assert result(restarted.cached("key", host_platform())) is not None
     result(storage.delete_blob(layer.digest))
-    again = ManifestStore(storage, Compression.default("zlib"))
+    again = ManifestStore(storage, Compression.default("zlib"), Metrics())
     assert result(again.cached("key", host_platform())) is None
 
 

@@ -129,6 +129,13 @@ class Metrics:
             buckets=REQUEST_BUCKETS,
             registry=registry,
         )
+        self._refused = Counter(
+            "nixeryd_http_refused",
+            "Requests refused from their headers before routing (408 too slow, 413 and 431 "
+            "too large, 405 a body on a push method, 400 TLS on the plain HTTP port)",
+            ["code"],
+            registry=registry,
+        )
         self._builds = Counter(
             "nixeryd_builds",
             "Images that got past the caches to Nix, by what became of them",
@@ -215,6 +222,10 @@ class Metrics:
             histogram.observe(seconds)
 
         return observe
+
+    def refused(self, code: int) -> None:
+        """A request refused with ``code`` before it was routed (:mod:`nixeryd.site`)."""
+        self._refused.labels(str(code)).inc()
 
     def build(self, result: str) -> None:
         """An image that reached Nix ended as ``result``, one of :data:`BUILD_RESULTS`."""

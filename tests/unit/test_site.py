@@ -196,6 +196,9 @@ def test_tls_handshake_is_turned_away(served: tuple[Harness, list[str]]) -> None
     channel.dataReceived(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")
     assert transport.value().startswith(b"HTTP/1.0 400 Bad Request")
     assert transport.disconnecting
+    assert registry.registry.metrics.registry.get_sample_value(
+        "nixeryd_http_refused_total", {"code": "400"}
+    )
 
 
 def test_the_access_log_has_the_same_line_either_way(served: tuple[Harness, list[str]]) -> None:
@@ -253,6 +256,9 @@ def test_a_large_get_body_is_refused_from_its_length(
     channel.dataReceived(get("/v2/", f"Content-Length: {length}"))
     assert refused(transport.value()) == (b"HTTP/1.1 413 Content Too Large", "SIZE_INVALID")
     assert transport.disconnecting
+    assert registry.registry.metrics.registry.get_sample_value(
+        "nixeryd_http_refused_total", {"code": "413"}
+    )
 
 
 def test_a_large_chunked_get_body_is_refused_as_it_arrives(

@@ -56,6 +56,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=5, help="length of each wrk run")
     parser.add_argument("--repeats", type=int, default=3, help="runs per daemon (median)")
     parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--requests", type=int, default=100_000, help="lines per writer alone")
     parser.add_argument("--workdir", type=Path, help="keep files here (default: a temp dir)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--serve", choices=sorted({w for w, _ in WRITERS.values()}),
@@ -72,6 +73,7 @@ def main() -> None:
             temporary = tempfile.TemporaryDirectory(prefix="nixeryd-accesslog-")
             workdir = Path(stack.enter_context(temporary))
         results = measure(workdir, args)
+        results["alone"] = writers_alone(workdir / "alone.log", args.requests)
         if args.json:
             args.json.write_text(json.dumps(results, indent=2))
 
@@ -115,6 +117,55 @@ def measure(workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
         f"(JSON: {cost['nixeryd, json']:.1f} us)."
     )
     return {"cores": cores, "rps": rates, "runs": runs, "cost_us": cost, "lines": lines}
+
+
+def writers_alone(log: Path, requests: int) -> dict[str, float]:
+    """Microseconds of CPU per line of each writer alone, in this process, into ``log``
+    through the log system as the daemon's: nixeryd's with one line per reactor turn
+    (each line its own write, as under light load) and 64 (under load)."""
+    from twisted.internet.task import Clock
+    from twisted.web.resource import Resource
+    from twisted.web.server import Site
+
+    from nixeryd.accesslog import AccessLog
+    from nixeryd.logs import start_logging
+
+    fields: dict[str, Any] = {
+        "remote": "10.0.0.7",
+        "method": b"GET",
+        "target": b"/v2/hello/manifests/sha256:" + b"0" * 64,
+        "protocol": b"HTTP/1.1",
+        "status": 200,
+        "sent": 1203,
+        "seconds": 0.000041,
+        "user_agent": b"docker/27.3.1 go/go1.22.7 git-commit/41ca978 os/linux arch/amd64",
+        "referer": None,
+        "user": None,
+    }
+    with log.open("w") as stream:
+        start_logging("text", stream=stream)
+        site = Site(Resource())
+        site.startFactory()  # twisted.web's writer: the log system's file, the date
+        clock = Clock()  # its advance(0) is the end of a reactor turn
+        writers: dict[str, tuple[Any, int]] = {"twisted": (TwistedWriter(site), requests)}
+        for turn in (1, 64):
+            for fmt in ("text", "json"):
+                writers[f"nixeryd, {fmt}, {turn}/turn"] = (AccessLog(stream, fmt, clock), turn)
+        costs = {}
+        for name, (writer, turn) in writers.items():
+            started = time.process_time()
+            for done in range(1, requests + 1):
+                writer.request(**fields)
+                if done % turn == 0:
+                    clock.advance(0)
+            costs[name] = (time.process_time() - started) / requests * 1e6
+        site.stopFactory()
+    print(f"\n## Each writer alone: CPU us per line, {requests} lines into a file\n")
+    print("| writer | us/line | x twisted.web's |")
+    print("|---|---:|---:|")
+    for name, cost in costs.items():
+        print(f"| {name} | {cost:.2f} | {cost / costs['twisted']:.2f}x |")
+    return costs
 
 
 def cached_manifest(server: Server) -> str:

@@ -395,7 +395,8 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "access_log",
-        "log a line per request: true or false (false triples the rate of cached answers)",
+        "log a line per request, in log_format: true or false (false raises the rate of "
+        "cached answers by about a tenth)",
         ("NIXERYD_ACCESS_LOG",),
         parse_boolean,
     ),

@@ -14,7 +14,7 @@ import tempfile
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import IO, Any, cast
+from typing import Any, cast
 
 from treq.client import HTTPClient
 from twisted.application.service import MultiService, Service
@@ -215,17 +215,15 @@ def _layer_pool_runner(reactor: Any, size: int) -> Callable[[Callable[[], Any]],
     return run
 
 
-def make_service(
-    config: Config, reactor: Any, *, log_stream: IO[str] | None = None, **overrides: Any
-) -> StorageFirst:
+def make_service(config: Config, reactor: Any, **overrides: Any) -> StorageFirst:
     """The daemon's service tree: storage, then one listening service per configured endpoint
-    (and per ``metrics_listen`` endpoint). The access log goes to ``log_stream``, by default
-    standard output, where :func:`nixeryd.logs.start_logging` sends the rest of the log."""
+    (and per ``metrics_listen`` endpoint). The access log goes to standard output, where
+    :func:`nixeryd.logs.start_logging` sends the rest of the log."""
     metrics = Metrics()
     registry = make_registry(config, reactor, metrics=metrics, **overrides)
     access_log = None
     if config.access_log:
-        access_log = AccessLog(log_stream or sys.stdout, config.log_format, reactor)
+        access_log = AccessLog(sys.stdout, config.log_format, reactor)
     site = RegistrySite(
         registry.resource(), registry.answers, metrics, access_log=access_log, gate=registry.gate
     )

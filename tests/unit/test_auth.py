@@ -441,3 +441,16 @@ def test_the_text_access_log_has_the_user_in_its_authuser_field(
     assert ' "10.0.0.7" - alice [' in fast
     assert f'"GET {paths[0]} HTTP/1.1" 200 ' in fast
     assert ' "10.0.0.7" - - [' in refused
+
+
+@pytest.mark.parametrize("policy", ["everything", "builds"])
+def test_metrics_on_the_registry_listener_need_credentials(
+    registry_with: RegistryFactory, nix: FakeNix, htpasswd: Path, policy: str
+) -> None:
+    registry = with_auth(registry_with, nix, htpasswd, policy=policy)
+    response, body = registry.get("/metrics")
+    assert response.code == 401
+    assert errors(body) == ["UNAUTHORIZED"]
+    response, body = registry.get("/metrics", headers={"Authorization": basic()})
+    assert response.code == 200
+    assert b"nixeryd_http_requests_total" in body

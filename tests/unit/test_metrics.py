@@ -52,6 +52,8 @@ def requests(metrics: Metrics, route: str, method: str = "GET", code: str = "200
         (b"/v2/hello/tags/list", "tags"),
         (b"/v2/hello/referrers/sha256:abc", "other"),
         (b"/v2/hello", "other"),
+        (b"/v2/manifests/latest", "other"),  # no name: not the manifest route
+        (b"/v2/hello/blobs/uploads/", "other"),
         (b"/token", "token"),
         (b"/metrics", "metrics"),
         (b"/", "index"),

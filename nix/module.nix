@@ -342,7 +342,17 @@ in
             "warn"
             "error"
           ]) "Least level logged (default `info`).";
-          access_log = setting types.bool "Log a line per request (default true).";
+          access_log = setting types.bool ''
+            Log a line per request, in `log_format` (default true; docs/metrics.md).
+          '';
+          metrics = setting types.bool ''
+            Serve Prometheus metrics at `/metrics` (default true; docs/metrics.md).
+          '';
+          metrics_listen = setting (types.listOf types.str) ''
+            Endpoints serving `/metrics` alone, without authentication, such as
+            `[ "tcp:9090:interface=127.0.0.1" ]` (default: `/metrics` on the registry's
+            listeners, behind its authentication). Not opened in the firewall.
+          '';
           layer_compressor = setting (types.enum [
             "isal"
             "zlib"

@@ -42,7 +42,7 @@ from twisted.web.server import Request, Site
 
 from nixeryd import __version__
 from nixeryd.errors import RegistryError, Unsupported
-from nixeryd.storage import Blob, BlobAnswer, BlobInfo, StagedBlob, Storage
+from nixeryd.storage import Blob, BlobAnswer, BlobInfo, RecordInfo, StagedBlob, Storage
 
 T = TypeVar("T")
 
@@ -440,7 +440,7 @@ class MeasuredStorage:
     def put_record(self, name: str, data: bytes) -> Deferred[None]:
         return self._measured("put_record", self._storage.put_record(name, data))
 
-    def list_records(self, prefix: str) -> Deferred[list[str]]:
+    def list_records(self, prefix: str) -> Deferred[list[RecordInfo]]:
         return self._measured("list_records", self._storage.list_records(prefix))
 
     def delete_record(self, name: str) -> Deferred[None]:

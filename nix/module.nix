@@ -46,6 +46,8 @@ let
       inherit description;
     };
   seconds = types.numbers.nonnegative;
+  # A duration: seconds, or a string such as "90s", "36h", "7d".
+  age = types.either seconds types.str;
 
   # The rendered file. formats.toml's generator is a derivation (a json2x build); this
   # renders at evaluation instead, so the file needs nothing built, and its text can be
@@ -308,6 +310,27 @@ in
           nix_bin_dir = setting (types.either types.path types.str) ''
             Directory of nix-instantiate, nix-store and nix (default: PATH, which holds
             `nix.package`).
+          '';
+          gc_roots = setting types.str ''
+            Where each daemon keeps the Nix GC roots of its builds in progress (default:
+            `$STATE_DIRECTORY/gcroots`; the unit sets `NIXERYD_GC_ROOTS` to it, which
+            takes precedence over this file).
+          '';
+          gc_interval = setting age ''
+            Run garbage collection of storage in the daemon this often (`"1d"`; seconds
+            as a number), with the `gc_*` settings below (docs/gc.md; default: never).
+          '';
+          gc_max_age = setting age ''
+            Garbage collection: image records not used for this long (`"30d"`) go,
+            unless kept (default: never by age).
+          '';
+          gc_grace = setting age ''
+            Garbage collection: nothing younger goes; longer than `build_timeout`
+            (default `"1h"`).
+          '';
+          gc_keep = setting (types.either types.path types.str) ''
+            Garbage collection: a file of images kept whatever their age, one
+            `NAME[:TAG]` a line, as pulled.
           '';
           nixpkgs_config_file = setting types.path ''
             A Nix file of nixpkgs configuration (a `config.nix`).

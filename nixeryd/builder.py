@@ -152,7 +152,9 @@ class ImageBuilder:
         pin_key = None
         if source.pin is not None:
             pin_key = self._manifest_key("pin", image.canonical, source.pin, popularity)
-            cached = yield self._manifests.cached(pin_key, image.platform)
+            cached = yield self._manifests.cached(
+                pin_key, image.platform, image=image.canonical, tag=tag, kind="pin"
+            )
             if cached is not None:
                 return replace(cached, pinned=source.pin == tag)
         failure_key = self._failure_key(image, tag, source)
@@ -175,7 +177,9 @@ class ImageBuilder:
                 self._remember_failure(failure_key, source, error)
             raise
         if pin_key is not None:
-            yield self._manifests.remember(pin_key, built)
+            yield self._manifests.remember(
+                pin_key, built, image=image.canonical, tag=tag, kind="pin"
+            )
             return replace(built, pinned=source.pin == tag)
         return built
 
@@ -243,11 +247,15 @@ class ImageBuilder:
         self._metrics.stage("evaluation", self._clock.seconds() - evaluating)
         outputs = sorted(package.out_path for package in packages)
         eval_key = self._manifest_key("eval", image.canonical, "\n".join(outputs), popularity)
-        built = yield self._manifests.cached(eval_key, image.platform)
+        built = yield self._manifests.cached(
+            eval_key, image.platform, image=image.canonical, tag=tag, kind="eval"
+        )
         if built is None:
             started = self._clock.seconds()
             built = yield self._build(image, packages, popularity)
-            yield self._manifests.remember(eval_key, built)
+            yield self._manifests.remember(
+                eval_key, built, image=image.canonical, tag=tag, kind="eval"
+            )
             seconds = self._clock.seconds() - started
             self._metrics.build("built")
             self.log.info(

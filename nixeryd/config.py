@@ -8,6 +8,7 @@ and names the key and the source in every error.
 
 from __future__ import annotations
 
+import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from typing import Any
 from twisted.logger import Logger
 
 from nixeryd.compression import COMPRESSORS, Compression, default_compressor
+from nixeryd.gcroots import default_gc_roots
 from nixeryd.layering import DEFAULT_LAYER_BUDGET
 from nixeryd.platform import Platform, host_platform, parse_platforms
 
@@ -70,6 +72,16 @@ class Config:
     #: Platforms every image is built for (an index lists them); the first is the default.
     platforms: tuple[Platform, ...] = field(default_factory=lambda: (host_platform(),))
     nix_bin_dir: str | None = None
+    #: Where each daemon keeps its builds' Nix GC roots; None: :meth:`gc_roots_dir`'s default.
+    gc_roots: str | None = None
+    #: Seconds between the daemon's garbage collection runs (:mod:`nixeryd.gc`); 0: none.
+    gc_interval: float = 0.0
+    #: Seconds after which an image record not used goes, unless kept; None: never by age.
+    gc_max_age: float | None = None
+    #: Seconds within which nothing goes, and for which a blob must be unreferenced to go.
+    gc_grace: float = 3600.0
+    #: A file of images kept whatever their age (``nixeryd gc --keep``), read at each run.
+    gc_keep: str | None = None
     log_format: str = "text"
     log_level: str = "info"
     #: Log a line per request (:mod:`nixeryd.accesslog`), in ``log_format``.
@@ -114,6 +126,14 @@ class Config:
         return Compression(self.layer_compressor, level)
 
     @property
+    def gc_roots_dir(self) -> Path:
+        """The directory of Nix GC roots (:mod:`nixeryd.gcroots`): ``gc_roots``, else
+        ``$STATE_DIRECTORY/gcroots`` under systemd, else ``<tmp>/nixeryd-gcroots``."""
+        if self.gc_roots:
+            return Path(self.gc_roots)
+        return default_gc_roots(self.environment)
+
+    @property
     def nixpkgs_config(self) -> dict[str, Any] | None:
         """The nixpkgs ``config`` nixeryd's options set, in the form ``nix/nixeryd.nix``
         reads; None when no option is set, so that nixpkgs' own configuration applies."""
@@ -154,6 +174,26 @@ def _non_negative_float(text: str) -> float:
     if value < 0:
         raise ValueError("must be 0 or more")
     return value
+
+
+_AGE_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_AGE_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_age(text: str) -> float:
+    """Seconds of an age such as ``0``, ``90s``, ``36h``, ``7d`` or ``1h30m`` (Go's units,
+    and ``d`` for days); ValueError saying what is expected otherwise."""
+    text = text.strip()
+    try:
+        seconds = float(text)
+    except ValueError:
+        parts = _AGE_PART.findall(text)
+        if not parts or "".join(number + unit for number, unit in parts) != text:
+            raise ValueError(f"{text!r} is not a duration such as 0, 90s, 36h or 7d") from None
+        seconds = sum(float(number) * _AGE_UNITS[unit] for number, unit in parts)
+    if seconds < 0:
+        raise ValueError(f"{text!r}: a duration cannot be negative")
+    return seconds
 
 
 def _budget(text: str) -> int:
@@ -333,6 +373,42 @@ OPTIONS: tuple[Option, ...] = (
         "nix_bin_dir",
         "directory holding nix-instantiate, nix-store and nix (default: from PATH)",
         ("NIXERYD_NIX_BIN_DIR",),
+    ),
+    Option(
+        "gc_roots",
+        "directory where each daemon keeps the Nix GC roots of its builds in progress; a "
+        "stopped daemon's are removed at start and by nixeryd gc (default: "
+        "$STATE_DIRECTORY/gcroots under systemd, else <tmp>/nixeryd-gcroots)",
+        ("NIXERYD_GC_ROOTS",),
+    ),
+    Option(
+        "gc_interval",
+        "run garbage collection of storage in the daemon this often (0, 6h, 1d; see "
+        "docs/gc.md), with the gc_* options below; run it in one daemon per storage "
+        "(default: 0, never: run nixeryd gc from a timer instead)",
+        ("NIXERYD_GC_INTERVAL",),
+        parse_age,
+    ),
+    Option(
+        "gc_max_age",
+        "garbage collection (nixeryd gc --max-age and gc_interval): image records not "
+        "written or used for this long go, unless kept (default: never by age)",
+        ("NIXERYD_GC_MAX_AGE",),
+        parse_age,
+    ),
+    Option(
+        "gc_grace",
+        "garbage collection (nixeryd gc --grace and gc_interval): nothing younger than this "
+        "goes, and a blob goes only once unreferenced this long; longer than a build may "
+        "take (default: 1h)",
+        ("NIXERYD_GC_GRACE",),
+        parse_age,
+    ),
+    Option(
+        "gc_keep",
+        "garbage collection (nixeryd gc --keep and gc_interval): a file of images kept "
+        "whatever their age, one NAME[:TAG] a line, as pulled",
+        ("NIXERYD_GC_KEEP",),
     ),
     Option(
         "nixpkgs_config_file",

@@ -3,7 +3,8 @@
 A layer's record (``builds/<key>.<compression>``) maps the key of its
 contents to the blob's descriptor, so that images sharing a layer share its
 blob, across builds, restarts and instances on one bucket. Concurrent builds
-that want one layer wait for one write.
+that want one layer wait for one write. A build reusing a layer writes its
+record again, which garbage collection reads as "in use" (:mod:`nixeryd.gc`).
 """
 
 from __future__ import annotations
@@ -86,6 +87,9 @@ class LayerStore:
         record_name = f"builds/{key}.{self._compression.key}"
         record = yield self._storage.get_record(record_name)
         if record is not None:
+            # Written again first, so that its time tells garbage collection that a build
+            # is about to name its blob (see nixeryd.gc), then the blob is checked.
+            yield self._storage.put_record(record_name, record)
             cached = LayerDescriptor(**json.loads(record))
             if (yield self._storage.stat_blob(cached.digest)) is not None:
                 self._metrics.cache("layer_record", hit=True)

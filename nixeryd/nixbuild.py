@@ -28,7 +28,6 @@ import math
 import re
 import shutil
 import signal
-import tempfile
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ from twisted.logger import Logger
 from nixeryd.closure import ClosureGraph
 from nixeryd.errors import BuildFailed, BuildTimedOut, ManifestUnknown
 from nixeryd.evaluator import EvaluatorPool
+from nixeryd.gcroots import ProcessRoots
 from nixeryd.imagename import ImageTarget
 from nixeryd.nixslots import NixSlots
 from nixeryd.process import ProcessResult, ProcessRunner, ProcessTimedOut
@@ -271,7 +271,7 @@ class Nix:
         bin_dir: str | None = None,
         env: Mapping[str, str] | None = None,
         expression: Path | None = None,
-        gc_roots: Path | None = None,
+        gc_roots: ProcessRoots | None = None,
         nixpkgs_config: Mapping[str, Any] | None = None,
         overlays: Sequence[str] = (),
         evaluators: EvaluatorPool | None = None,
@@ -500,7 +500,8 @@ class Nix:
         """Build (or substitute) the packages' derivations.
 
         With ``gc_roots`` set, the outputs are registered as temporary garbage
-        collector roots in a directory of this build's own, which fires the
+        collector roots in a directory of this build's own (under this process's,
+        see :mod:`nixeryd.gcroots`), which fires the
         Deferred; pass it to :meth:`release` once the layers are written, so a
         ``nix-collect-garbage`` meanwhile cannot delete the paths being archived.
         """
@@ -508,8 +509,7 @@ class Nix:
         roots = None
         add_root = []
         if self._gc_roots is not None:
-            self._gc_roots.mkdir(parents=True, exist_ok=True)
-            roots = Path(tempfile.mkdtemp(dir=self._gc_roots))
+            roots = self._gc_roots.build_dir()
             add_root = ["--add-root", str(roots / "result"), "--indirect"]
         seconds = str(max(1, math.ceil(self._builder_timeout)))  # Nix takes whole seconds
         limits = ["--timeout", seconds, "--max-silent-time", seconds]

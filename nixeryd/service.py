@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any, cast
 
 from treq.client import HTTPClient
@@ -33,6 +31,8 @@ from nixeryd.builder import ImageBuilder
 from nixeryd.config import Config
 from nixeryd.evaluator import EvaluatorLimits, EvaluatorPool, Repl
 from nixeryd.fanout import PlatformFanOut
+from nixeryd.gc import GcReport, PeriodicCollection, telling
+from nixeryd.gcroots import ProcessRoots, remove_stale_roots
 from nixeryd.layerstore import LayerStore
 from nixeryd.manifeststore import ManifestStore
 from nixeryd.metrics import MeasuredStorage, Metrics, MetricsPage, MetricsSite
@@ -114,6 +114,8 @@ def make_registry(
     for name in sorted(set(config.plugin_options) - selected):
         # A misspelt name, or a provider the site switched away from: not an error.
         log.warn("[plugin.{name}]: no selected provider is called {name}; ignored", name=name)
+    # Roots a killed daemon left would keep its store paths from Nix's GC for good.
+    remove_stale_roots(config.gc_roots_dir)
     evaluators = None
     if config.evaluators > 0:
         limits = EvaluatorLimits(
@@ -133,7 +135,7 @@ def make_registry(
         builder_timeout=config.nix_timeout,
         step_timeout=config.build_timeout,
         bin_dir=config.nix_bin_dir,
-        gc_roots=Path(tempfile.gettempdir()) / "nixeryd-gcroots",
+        gc_roots=ProcessRoots(config.gc_roots_dir),
         nixpkgs_config=config.nixpkgs_config,
         overlays=config.nixpkgs_overlays,
         evaluators=evaluators,
@@ -217,10 +219,12 @@ def _layer_pool_runner(reactor: Any, size: int) -> Callable[[Callable[[], Any]],
 
 def make_service(config: Config, reactor: Any, **overrides: Any) -> StorageFirst:
     """The daemon's service tree: storage, then one listening service per configured endpoint
-    (and per ``metrics_listen`` endpoint). The access log goes to standard output, where
+    (and per ``metrics_listen`` endpoint), and the periodic garbage collection when
+    ``gc_interval`` is set. The access log goes to standard output, where
     :func:`nixeryd.logs.start_logging` sends the rest of the log."""
     metrics = Metrics()
-    registry = make_registry(config, reactor, metrics=metrics, **overrides)
+    plugins = overrides.pop("plugins", None) or Plugins(make_plugin_manager())
+    registry = make_registry(config, reactor, metrics=metrics, plugins=plugins, **overrides)
     access_log = None
     if config.access_log:
         access_log = AccessLog(sys.stdout, config.log_format, reactor)
@@ -238,6 +242,14 @@ def make_service(config: Config, reactor: Any, **overrides: Any) -> StorageFirst
             tls_service(endpoint, site, reactor).setServiceParent(root)
             continue
         endpoint_service(endpoint, site, reactor=reactor).setServiceParent(root)  # type: ignore[arg-type]
+    if config.gc_interval > 0:
+        tell = telling(plugins)
+
+        def finished(result: str, report: GcReport | None) -> None:
+            metrics.gc_run(result)
+            tell(result, report)
+
+        PeriodicCollection(config, registry.storage, reactor, finished).setServiceParent(root)
     return root
 
 

@@ -91,6 +91,7 @@ NIX_TYPES: dict[str, str] = {
     "_nix_file": "absolute path",
     "_nix_files": "list of absolute path",
     "parse": "one of",  # _one_of(...)
+    "parse_age": "nonnegative integer or floating point number, meaning >=0, or string",
 }
 
 

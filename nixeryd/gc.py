@@ -480,7 +480,7 @@ class PeriodicCollection(Service):
         try:
             policy = policy_for(self._config)
             remove_stale_roots(self._config.gc_roots_dir)
-        except (KeepListError, OSError) as error:
+        except (ValueError, OSError) as error:  # a keep file missing, malformed, not text
             _log.error("gc: not run: {error}", error=error)
             self._on_finished("failed", None)
             return succeed(None)
@@ -529,4 +529,10 @@ async def collect(
 
 
 def _size(size: int) -> str:
-    return f"{size / (1024 * 1024):.1f} MiB"
+    """Bytes in the largest binary unit that keeps a whole part: ``812 B``, ``1.1 MiB``."""
+    amount, unit = float(size), "B"
+    for larger in ("KiB", "MiB", "GiB", "TiB"):
+        if amount < 1024:
+            break
+        amount, unit = amount / 1024, larger
+    return f"{amount:.0f} {unit}" if unit == "B" else f"{amount:.1f} {unit}"

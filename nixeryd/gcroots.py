@@ -12,7 +12,8 @@ So each daemon keeps its builds' roots in a directory of its own under the
 ``$STATE_DIRECTORY/gcroots`` under systemd, which ``PrivateTmp=`` leaves
 alone, else ``<tmp>/nixeryd-gcroots``), and holds an exclusive ``flock`` on its
 ``lock`` file for as long as it lives (the lock goes with the process, however
-it ends; the file descriptor is close-on-exec, so no Nix child inherits it).
+it ends; the file descriptor is close-on-exec, so no Nix child inherits it), and
+removes the directory when it stops in order.
 :func:`remove_stale_roots` removes the directories whose lock nobody holds:
 at every daemon start and in every ``nixeryd gc``. A live daemon's lock cannot
 be taken, so its roots are never touched. An entry without a lock file (a
@@ -64,6 +65,15 @@ class ProcessRoots:
     def build_dir(self) -> Path:
         """A new directory for one build's roots; drop it with :func:`shutil.rmtree`."""
         return Path(tempfile.mkdtemp(prefix="build-", dir=self._claimed()))
+
+    def drop(self) -> None:
+        """Remove this process's directory, at shutdown once its builds are stopped."""
+        if self._own is not None:
+            shutil.rmtree(self._own, ignore_errors=True)
+            self._own = None
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
 
     def _claimed(self) -> Path:
         if self._own is None or not self._own.is_dir():

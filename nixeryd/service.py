@@ -70,10 +70,13 @@ def make_registry(
     blocks of each layer to another pool as large.
     """
     plugins = plugins or Plugins(make_plugin_manager())
+    gc_roots = ProcessRoots(config.gc_roots_dir)
     if processes is None:
         runner = ReactorProcessRunner(reactor)
         # Builds, closure queries and evaluators alike: none outlives the daemon.
         reactor.addSystemEventTrigger("before", "shutdown", runner.stop)
+        # Once they are stopped, no build needs its Nix GC roots.
+        reactor.addSystemEventTrigger("during", "shutdown", gc_roots.drop)
         processes = runner
     compress_pool = None
     if run_in_thread is not None:
@@ -135,7 +138,7 @@ def make_registry(
         builder_timeout=config.nix_timeout,
         step_timeout=config.build_timeout,
         bin_dir=config.nix_bin_dir,
-        gc_roots=ProcessRoots(config.gc_roots_dir),
+        gc_roots=gc_roots,
         nixpkgs_config=config.nixpkgs_config,
         overlays=config.nixpkgs_overlays,
         evaluators=evaluators,

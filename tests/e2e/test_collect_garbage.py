@@ -260,6 +260,7 @@ def test_stopped_daemons_gc_roots_are_cleared_and_live_ones_kept(
         assert live_roots.exists()
     finally:
         live.stop()
+    assert not live_roots.exists()  # stopped in order: it removed its own
 
 
 def test_a_starting_daemon_clears_a_killed_ones_gc_roots(

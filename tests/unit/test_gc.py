@@ -143,7 +143,8 @@ def test_a_dry_run_removes_nothing_and_says_what_would_go() -> None:
         real.blobs_deleted,
         real.bytes_deleted,
     )
-    assert "would delete 2 records" in dry.summary()
+    assert "would delete 2 records (1 builds, 1 manifests) and 4 blobs (" in dry.summary()
+    assert " B)" in dry.summary()  # a few bytes: said in bytes
 
 
 def test_without_max_age_only_what_no_record_names_goes() -> None:

@@ -43,6 +43,15 @@ def test_a_live_daemons_roots_stay_and_a_stopped_ones_go(tmp_path: Path) -> None
     assert live.build_dir().parent == build.parent  # one directory per process
 
 
+def test_a_daemon_stopping_in_order_removes_its_roots(tmp_path: Path) -> None:
+    roots = ProcessRoots(tmp_path)
+    build = roots.build_dir()
+    roots.drop()
+    assert not build.parent.exists()
+    roots.drop()  # again: nothing to do
+    assert roots.build_dir().parent.parent == tmp_path  # a build after: a new directory
+
+
 def test_a_lock_just_made_is_left_to_its_daemon(tmp_path: Path) -> None:
     fresh = dead_daemon(tmp_path, "daemon-2-starting", age=0)
     assert remove_stale_roots(tmp_path) == 0

@@ -309,5 +309,14 @@ def test_a_daemon_with_gc_interval_collects_by_itself(
         assert "gc: deleted" in daemon.log()
         for image in KEPT:
             pulls_intact(daemon, image, tmp_path / "after")
+        # Each run counts in the daemon's metrics, by result.
+        status, _, body = fetch(daemon, "/metrics")
+        assert status == 200
+        [runs] = [
+            line
+            for line in body.decode().splitlines()
+            if line.startswith('nixeryd_gc_runs_total{result="completed"}')
+        ]
+        assert float(runs.split()[-1]) >= 2
     finally:
         daemon.stop()

@@ -72,8 +72,11 @@ def make_registry(
     plugins = plugins or Plugins(make_plugin_manager())
     if processes is None:
         runner = ReactorProcessRunner(reactor)
-        # Builds, closure queries and evaluators alike: none outlives the daemon.
+        # Builds, closure queries and evaluators alike: none outlives the daemon, nor
+        # the nix-store that started it (when something else kills nix-store).
         reactor.addSystemEventTrigger("before", "shutdown", runner.stop)
+        if not runner.adopt_orphans():
+            log.warn("cannot adopt orphaned processes (no PR_SET_CHILD_SUBREAPER here)")
         processes = runner
     compress_pool = None
     if run_in_thread is not None:
@@ -139,6 +142,7 @@ def make_registry(
         evaluators=evaluators,
         unpinned_reuse=config.evaluator_unpinned_ttl,
         slots=slots,
+        run_in_thread=run_in_thread,
     )
     manifests = ManifestStore(storage, config.compression, metrics)
     builder = ImageBuilder(

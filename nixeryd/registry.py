@@ -43,6 +43,7 @@ from nixeryd.imagename import ImageName, is_valid_tag, parse_image_name
 from nixeryd.images import StoredManifest
 from nixeryd.manifest import MANIFEST_MEDIA_TYPES, OCI_INDEX, choose
 from nixeryd.metrics import Metrics
+from nixeryd.ratelimit import ClientBuckets
 from nixeryd.sources import PackageSource
 from nixeryd.storage import SMALL_BLOB_SIZE, BlobInfo, Redirect, Storage
 
@@ -88,15 +89,19 @@ class RegistryApp:
         gate: Gate | None = None,
         *,
         metrics_page: IResource | None = None,
+        build_limit: ClientBuckets | None = None,
     ) -> None:
         """``gate`` is the site's authentication policy; None: no authentication.
         ``metrics_page`` is served at ``/metrics``; None: not here (another listener
-        serves it, or nothing does)."""
+        serves it, or nothing does). ``build_limit`` rations each client's requests
+        for tags not yet served (see :mod:`nixeryd.ratelimit`); None: no limit."""
         self._images = images
         self.metrics = metrics
         self._metrics_page = metrics_page
         self._gate = gate
-        #: Names (and tags) known to be built, under the ``builds`` policy (see _may_build).
+        self._build_limit = build_limit
+        #: Names (and tags) known to be built: served since start, or (under the ``builds``
+        #: policy, see _may_build) recorded in storage.
         self._built_names: OrderedDict[str, None] = OrderedDict()
         self._builder = builder
         self._storage = storage
@@ -198,9 +203,14 @@ class RegistryApp:
         identity: Identity | None = getattr(request, "identity", None)
         if identity is not None and self._gate is not None and self._gate.policy == "builds":
             yield self._may_build(request, name, tag, identity)
+        named = f"{name}:{tag}"
+        if self._build_limit is not None and named not in self._built_names:
+            self._build_limit.take(_client(request, identity), named)
         tagged = yield self._images.tagged(image, tag)
         if identity is not None and not identity.anonymous:
-            yield self._note_built(f"{name}:{tag}")
+            yield self._note_built(named)
+        else:
+            self._remember_built(named)
         accept = request.requestHeaders.getRawHeaders(b"accept", [])
         # Caches between client and registry must key a tag's answer by Accept.
         request.setHeader(b"Vary", b"Accept")
@@ -420,6 +430,15 @@ def _pull_only(request: Request) -> bytes:
     )
     request.setResponseCode(405)
     return _json(request, error.as_json())
+
+
+def _client(request: Request, identity: Identity | None) -> str:
+    """Whose rate a request counts against: an authenticated user's, else its address's
+    (the peer's: a proxy in front makes all its clients one)."""
+    if identity is not None and not identity.anonymous:
+        return f"user {identity.subject}"
+    address = request.getClientAddress()
+    return f"address {getattr(address, 'host', address)}"
 
 
 def _arg(request: Request, name: bytes) -> str | None:

@@ -41,6 +41,7 @@ from nixeryd.nixslots import NixSlots
 from nixeryd.plugins import Plugins, make_plugin_manager
 from nixeryd.popularity import PopularityLoader, PopularitySource
 from nixeryd.process import ProcessRunner, ReactorProcessRunner
+from nixeryd.ratelimit import ClientBuckets
 from nixeryd.registry import RegistryApp
 from nixeryd.runtime import Runtime
 from nixeryd.site import RegistrySite
@@ -177,7 +178,13 @@ def make_registry(
     page = None
     if config.metrics and not config.metrics_listen:
         page = cast(IResource, MetricsPage(metrics))
-    return RegistryApp(images, builder, storage, source, metrics, gate, metrics_page=page)
+    build_limit = None
+    if config.build_rate is not None:
+        build_limit = ClientBuckets(config.build_rate, reactor)
+        log.info("new image names per client: {rate}", rate=config.build_rate)
+    return RegistryApp(
+        images, builder, storage, source, metrics, gate, metrics_page=page, build_limit=build_limit
+    )
 
 
 #: Idle connections kept per host: an object store is asked many small things at once

@@ -17,7 +17,7 @@ from typing import Any, cast
 from urllib.parse import urlencode
 
 from klein import Klein
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import IResource, Resource
@@ -40,10 +40,12 @@ from nixeryd.errors import (
 )
 from nixeryd.fanout import PlatformFanOut
 from nixeryd.imagename import ImageName, is_valid_tag, parse_image_name
-from nixeryd.images import StoredManifest
+from nixeryd.images import StoredManifest, TaggedImage
 from nixeryd.manifest import MANIFEST_MEDIA_TYPES, OCI_INDEX, choose
+from nixeryd.manifeststore import blobs_named
 from nixeryd.metrics import Metrics
 from nixeryd.ratelimit import ClientBuckets
+from nixeryd.singleflight import SingleFlight
 from nixeryd.sources import PackageSource
 from nixeryd.storage import SMALL_BLOB_SIZE, BlobInfo, Redirect, Storage
 
@@ -108,6 +110,10 @@ class RegistryApp:
         self._source = source
         self._answers = Answers([(b"Docker-Distribution-API-Version", API_VERSION)], metrics)
         self._blob_infos: OrderedDict[str, BlobInfo] = OrderedDict()
+        #: Blob digest -> the name and tag of the image it was last served for, oldest
+        #: first; the image's docker manifest digest marks it noted.
+        self._blob_images: OrderedDict[str, tuple[str, str]] = OrderedDict()
+        self._rebuilds: SingleFlight[BlobInfo | None] = SingleFlight()
 
     @property
     def storage(self) -> Storage:
@@ -207,6 +213,7 @@ class RegistryApp:
         if self._build_limit is not None and named not in self._built_names:
             self._build_limit.take(_client(request, identity), named)
         tagged = yield self._images.tagged(image, tag)
+        self._note_blobs(name, tag, tagged)
         if identity is not None and not identity.anonymous:
             yield self._note_built(named)
         else:
@@ -268,14 +275,17 @@ class RegistryApp:
             raise unknown
         info = yield self._blob_info(digest)
         if info is None:
-            self._blob_lost(digest)
-            raise unknown
+            info = yield self._rebuilt(digest)
+            if info is None:
+                raise unknown
         if request.method == b"HEAD":
             return render(request, blob_headers(info), b"")
         if info.size <= SMALL_BLOB_SIZE and not request.requestHeaders.hasHeader(b"range"):
             blob = yield self._storage.read_blob(digest)
             if blob is None:
-                self._blob_lost(digest)
+                yield self._rebuilt(digest)
+                blob = yield self._storage.read_blob(digest)
+            if blob is None:
                 raise unknown
             headers = blob_headers(blob.info)
             self._answers.remember(request, headers, blob.data, by_accept=False)
@@ -293,13 +303,76 @@ class RegistryApp:
                 )
             request.setResponseCode(answer.status)
             return render(request, redirect, b"")
+        # The resource reads the file itself, and the info may be from memory: a file
+        # found missing (or of the wrong size) now is written again within this request,
+        # where the resource could only answer 404. One stat, small beside a large blob.
+        if (yield self._storage.stat_blob(digest)) is None:
+            info = yield self._rebuilt(digest)
+            if info is None:
+                raise unknown
+            answer = self._storage.serve_blob(info)
 
         def answered(_: object) -> None:
             if request.code == BlobUnknown.status:
-                self._blob_lost(digest)
+                # Found missing or damaged while being served, too late for this answer:
+                # written again now, for the client's retry (which waits for it).
+                self._rebuilt(digest)
 
         request.notifyFinish().addBoth(answered)
         return answer
+
+    def _rebuilt(self, digest: str) -> Deferred[BlobInfo | None]:
+        """A lost blob written again, by building again the image last served that names
+        it; its info, or None (no image served since start names it, the build failed,
+        or it gave other bytes). Concurrent requests for the blob wait for one build."""
+        self._blob_lost(digest)
+        return self._rebuilds.run(digest, lambda: self._rebuild(digest))
+
+    @inlineCallbacks
+    def _rebuild(self, digest: str) -> Any:
+        named = self._blob_images.get(digest)
+        if named is None:
+            return None
+        name, tag = named
+        self.log.warn(
+            "blob {digest} is lost: building {name}:{tag}, which names it, again",
+            digest=digest,
+            name=name,
+            tag=tag,
+        )
+        try:
+            yield self._images.tagged(parse_image_name(name), tag)
+        except RegistryError as error:
+            self.log.error(
+                "blob {digest} not rebuilt: {name}:{tag} failed: {message}",
+                digest=digest,
+                name=name,
+                tag=tag,
+                message=error.message,
+            )
+            return None
+        info = yield self._blob_info(digest)
+        if info is None:
+            # Layers are deterministic, so this is a changed package set: the image's new
+            # manifest names other blobs, and its next pull gets them.
+            self.log.warn(
+                "blob {digest}: {name}:{tag} was built again without it", digest=digest,
+                name=name, tag=tag,
+            )  # fmt: skip
+        return info
+
+    def _note_blobs(self, name: str, tag: str, tagged: TaggedImage) -> None:
+        """Remember which image and tag each blob of ``tagged`` was served for, so that a
+        blob found lost can be written again (see :meth:`_rebuilt`)."""
+        for image in tagged.images:
+            digest = image.manifests["docker"].digest
+            if self._blob_images.get(digest) == (name, tag):
+                continue
+            for blob in [digest, *blobs_named(image.manifests.values())]:
+                self._blob_images[blob] = (name, tag)
+                self._blob_images.move_to_end(blob)
+        while len(self._blob_images) > BLOB_INFOS_KEPT:
+            self._blob_images.popitem(last=False)
 
     def _blob_lost(self, digest: str) -> None:
         """A blob is not in storage, or was found damaged (and taken away) while serving

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import contextlib
+import hashlib
 import http.client
 import json
 import os
@@ -37,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 from collections import Counter
 from dataclasses import dataclass, field
@@ -128,7 +130,8 @@ class Case:
     kind: str
     pieces: list[bytes]
     methods: list[str]
-    dotdot: bool = False
+    #: The request target of each answer read, in the order of ``methods``.
+    paths: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -139,7 +142,10 @@ class Figures:
     hangs: int = 0
     dropped: int = 0
     outside_storage: int = 0
-    dotdot_200: int = 0
+    #: (method, target, SHA-256 of the body) of each 200 to a target with ``..`` in it.
+    dotdot_200: list[tuple[str, str, str]] = field(default_factory=list)
+    #: Those answers by why they were legitimate (:func:`classify_dotdot`).
+    dotdot_why: Counter[str] = field(default_factory=Counter)
     tracebacks: int = 0
     examples: dict[str, list[str]] = field(default_factory=dict)
     seconds: float = 0.0
@@ -152,7 +158,7 @@ class Figures:
         self.hangs += other.hangs
         self.dropped += other.dropped
         self.outside_storage += other.outside_storage
-        self.dotdot_200 += other.dotdot_200
+        self.dotdot_200.extend(other.dotdot_200)
         for what, examples in other.examples.items():
             for example in examples:
                 self.examples.setdefault(what, [])
@@ -165,8 +171,13 @@ class Figures:
             self.examples[what].append(repr(b"".join(case.pieces)[:300]))
 
 
-def _path(rng: random.Random, targets: Targets) -> tuple[str, bool]:
-    """A request target, and whether it tries to climb out with ``..``."""
+def _climbs(path: str) -> bool:
+    """Whether a request target holds ``..`` (or an encoded dot), anywhere in it."""
+    return ".." in path or "%2e" in path.lower()
+
+
+def _path(rng: random.Random, targets: Targets) -> str:
+    """A request target; some try to climb out with ``..``."""
     image = rng.choice(IMAGES)
     kind = rng.random()
     if kind < 0.3:
@@ -224,7 +235,7 @@ def _path(rng: random.Random, targets: Targets) -> tuple[str, bool]:
     path = "/".join(segments)
     if rng.random() < 0.05:
         path += rng.choice(["?", "?a=b&a=c", "?%ff=%ff", "#frag", "?" + "q" * 3000])
-    return path, ".." in path or "%2e" in path.lower()
+    return path
 
 
 def _headers(rng: random.Random, method: str) -> tuple[list[str], bytes]:
@@ -306,15 +317,15 @@ def _headers(rng: random.Random, method: str) -> tuple[list[str], bytes]:
     return headers, body
 
 
-def _request(rng: random.Random, targets: Targets) -> tuple[bytes, str, bool]:
+def _request(rng: random.Random, targets: Targets) -> tuple[bytes, str, str]:
     method = rng.choice(METHODS) if rng.random() < 0.97 else rng.choice(ODD_METHODS)
-    path, dotdot = _path(rng, targets)
+    path = _path(rng, targets)
     version = rng.choice(["HTTP/1.1"] * 12 + ["HTTP/1.0", "HTTP/1.0", "HTTP/2.0", "HTTP/1.x", ""])
     headers, body = _headers(rng, method)
     line = f"{method} {path} {version}".rstrip()
     end = "\r\n" if rng.random() < 0.97 else "\n"
     head = end.join([line, *headers]) + end + end
-    return head.encode("utf-8", "surrogateescape") + body, method, dotdot
+    return head.encode("utf-8", "surrogateescape") + body, method, path
 
 
 def generate(rng: random.Random, targets: Targets) -> Case:
@@ -324,17 +335,17 @@ def generate(rng: random.Random, targets: Targets) -> Case:
     if kind < 0.08:
         requests = [_request(rng, targets) for _ in range(rng.randint(2, 5))]
         pieces = [b"".join(raw for raw, _, _ in requests)]
-        return Case("pipeline", pieces, [m for _, m, _ in requests], any(d for *_, d in requests))
-    raw, method, dotdot = _request(rng, targets)
+        return Case("pipeline", pieces, [m for _, m, _ in requests], [p for *_, p in requests])
+    raw, method, path = _request(rng, targets)
     if kind < 0.12:
         cut = rng.randrange(0, max(1, len(raw)))
-        return Case("cut", [raw[:cut]], [], dotdot)
+        return Case("cut", [raw[:cut]], [])
     if kind < 0.16:
         step = max(1, len(raw) // 8)
         return Case(
-            "pieces", [raw[i : i + step] for i in range(0, len(raw), step)], [method], dotdot
+            "pieces", [raw[i : i + step] for i in range(0, len(raw), step)], [method], [path]
         )
-    return Case("single", [raw], [method], dotdot)
+    return Case("single", [raw], [method], [path])
 
 
 class _Buffered:
@@ -374,7 +385,7 @@ def _exchange(
         if not case.methods:
             return
         file = sock.makefile("rb")
-        for method in case.methods:
+        for method, path in zip(case.methods, case.paths, strict=True):
             fig.requests += 1
             response = http.client.HTTPResponse(_Buffered(file), method=method)  # type: ignore[arg-type]
             try:
@@ -394,9 +405,8 @@ def _exchange(
             if canary in body:
                 fig.outside_storage += 1
                 fig.note("outside storage", case)
-            if case.dotdot and response.status == 200:
-                fig.dotdot_200 += 1
-                fig.note("'..' answered 200", case)
+            if _climbs(path) and response.status == 200:
+                fig.dotdot_200.append((method, path, hashlib.sha256(body).hexdigest()))
             if response.will_close:
                 return
 
@@ -454,6 +464,43 @@ def learn_targets(port: int) -> Targets:
     return Targets(blobs=blobs, manifests=[digest])
 
 
+def classify_dotdot(port: int, method: str, target: str, digest: str) -> str:
+    """Why a target with ``..`` in it was answered 200, asked of the daemon again; "not
+    explained" when none of the legitimate reasons holds.
+
+    Legitimate: the dots are in the query only; they are part of a name component
+    (``a..b``: a package or tag name holding dots, nothing climbs); or the target,
+    percent-decoded as twisted.web does and with its dot segments removed (RFC 3986),
+    is a path of the registry's that answers the same bytes, so that ``..`` moved
+    within the registry's own routes and never outside them.
+    """
+    path = target.partition("?")[0].partition("#")[0]
+    if not _climbs(path):
+        return "dots in the query only"
+    decoded = "/".join(urllib.parse.unquote(segment) for segment in path.split("/"))
+    components = decoded.split("/")
+    if not any(component in (".", "..") for component in components):
+        return "dots within a name component"
+    normal: list[str] = []
+    for component in components[1:]:
+        if component == "..":
+            if normal:
+                normal.pop()
+        elif component != ".":
+            normal.append(component)
+    normalised = "/" + "/".join(normal)
+    quoted = urllib.parse.quote(normalised)
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{quoted}", method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            same = hashlib.sha256(response.read()).hexdigest() == digest
+    except (OSError, http.client.HTTPException):
+        same = False
+    if same:
+        return f"the answer of {normalised.split('/', 3)[1] or '/'}/... with dot segments removed"
+    return "not explained"
+
+
 def fuzz(workdir: Path, count: int, seed: int, timeout: float, workers: int) -> Figures:
     """Start a daemon in ``workdir``, send ``count`` cases generated from ``seed``, stop it."""
     token = secrets.token_hex(16).encode()
@@ -473,6 +520,12 @@ def fuzz(workdir: Path, count: int, seed: int, timeout: float, workers: int) -> 
             ]:
                 figures.add(future.result())
         figures.seconds = time.monotonic() - started
+        for method, target, digest in figures.dotdot_200:
+            why = classify_dotdot(daemon.port, method, target, digest)
+            figures.dotdot_why[why] += 1
+            figures.examples.setdefault(f"'..' answered 200: {why}", [])
+            if len(figures.examples[f"'..' answered 200: {why}"]) < 5:
+                figures.examples[f"'..' answered 200: {why}"].append(f"{method} {target}")
     finally:
         daemon.stop()
     log = daemon.log_path.read_text(errors="replace")
@@ -514,7 +567,9 @@ def main() -> None:
         "outside_storage": figures.outside_storage,
         "hangs": figures.hangs,
         "dropped": figures.dropped,
-        "dotdot_200": figures.dotdot_200,
+        "dotdot_200": len(figures.dotdot_200),
+        "dotdot_200_why": dict(figures.dotdot_why),
+        "dotdot_200_not_explained": figures.dotdot_why["not explained"],
         "seconds": round(figures.seconds, 1),
         "statuses": dict(sorted(figures.answers.items())),
         "examples": figures.examples,
@@ -522,7 +577,9 @@ def main() -> None:
     for key in ("cases", "seed", "requests", "5xx", "tracebacks", "outside_storage", "hangs"):
         print(f"{key:16} {summary[key]}")
     print(f"{'dropped':16} {figures.dropped} (connections closed without an answer)")
-    print(f"{'dotdot_200':16} {figures.dotdot_200} ('..' in the path, answered 200)")
+    print(f"{'dotdot_200':16} {len(figures.dotdot_200)} ('..' in the path, answered 200)")
+    for why, number in figures.dotdot_why.most_common():
+        print(f"{'':16}   {number}: {why}")
     print(f"{'seconds':16} {summary['seconds']}")
     print(f"{'statuses':16} {summary['statuses']}")
     for what, examples in figures.examples.items():

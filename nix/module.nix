@@ -271,6 +271,11 @@ in
             Nix commands that may wait for a free one before new images get 429
             (default 64).
           '';
+          build_rate = setting types.str ''
+            Requests each client may make for image names not yet served, as
+            `N/second`, `N/minute` or `N/hour` with an optional `, burst B`, e.g.
+            `"20/minute, burst 10"`; past it 429 (default "0": no limit).
+          '';
           max_closure_size = setting types.ints.unsigned ''
             MiB (NAR bytes) an image's closure may have (default 0: no limit).
           '';

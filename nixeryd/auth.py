@@ -285,28 +285,40 @@ def gated(gate: Gate, request: Request, render: Any) -> Any:
     endpoint: Any = gate.authenticator.endpoints().get(request.path)
     if endpoint is not None:
         return endpoint.render(request)
-    checked = gate.check(request)
-    outcome: list[Any] = []
-    checked.addBoth(outcome.append)
-    if outcome:
+    # The decision may take a worker thread's time (a bcrypt check): then the answer is
+    # written when it comes. A callback that only noted the outcome, and so turned a
+    # refusal into a success for the callbacks after it, once let any password through.
+    answered: list[Any] = []
+    waiting = False
+
+    def decided(result: Any) -> None:
+        body = _refusal(request, result) if isinstance(result, Failure) else render(request)
+        if waiting:
+            _write(request, body)
+        else:
+            answered.append(body)
+
+    gate.check(request).addBoth(decided).addErrback(_unanswered, request)
+    if answered:
         # Known at once (no header, or one verified lately): answer in this turn.
-        if isinstance(outcome[0], Failure):
-            return _refusal(request, outcome[0])
-        return render(request)
-
-    def allowed(_: Identity) -> None:
-        _write(request, render(request))
-
-    def refused(failure: Failure) -> None:
-        _write(request, _refusal(request, failure))
-
-    checked.addCallbacks(allowed, refused)
+        return answered[0]
+    waiting = True
     return NOT_DONE_YET
+
+
+def _unanswered(failure: Failure, request: Request) -> None:
+    """A decision that failed other than by refusing: logged, answered as the registry's
+    own error; never a request left open or let through."""
+    Gate.log.failure("deciding on {path} failed", failure, path=request.path)
+    _write(request, refuse(request, RegistryError(_INTERNAL_ERROR)))
 
 
 def _refusal(request: Request, failure: Failure) -> bytes:
     failure.trap(RegistryError)
     return refuse(request, failure.value)  # type: ignore[arg-type]
+
+
+_INTERNAL_ERROR = "internal error; the registry's log has the details"
 
 
 def _write(request: Request, result: Any) -> None:

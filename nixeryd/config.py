@@ -21,6 +21,7 @@ from nixeryd.compression import COMPRESSORS, Compression, default_compressor
 from nixeryd.gcroots import default_gc_roots
 from nixeryd.layering import DEFAULT_LAYER_BUDGET
 from nixeryd.platform import Platform, host_platform, parse_platforms
+from nixeryd.ratelimit import Rate, parse_rate
 
 log = Logger()
 
@@ -52,6 +53,9 @@ class Config:
     nix_jobs: int = 0
     #: Nix commands that may wait for one of those; past it a new image is answered 429.
     nix_queue: int = 64
+    #: Requests each client may make for image names not yet served (see
+    #: :mod:`nixeryd.ratelimit`); None: no limit.
+    build_rate: Rate | None = None
     #: MiB of store paths (NAR bytes) one image's closure may have; 0: no limit.
     max_closure_size: int = 0
     #: MiB of store paths (NAR bytes) one layer may hold; 0: no limit.
@@ -307,6 +311,14 @@ OPTIONS: tuple[Option, ...] = (
         "429 TOOMANYREQUESTS with Retry-After (0: refuse whenever all run)",
         ("NIXERYD_NIX_QUEUE",),
         _non_negative_int,
+    ),
+    Option(
+        "build_rate",
+        "requests each client (an authenticated user, else its address) may make for image "
+        "names the registry has not served, as N/second, N/minute or N/hour with an "
+        "optional ', burst B'; past it 429 TOOMANYREQUESTS with Retry-After (0: no limit)",
+        ("NIXERYD_BUILD_RATE",),
+        parse_rate,
     ),
     Option(
         "max_closure_size",

@@ -29,6 +29,7 @@ import fcntl
 import os
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -61,6 +62,8 @@ class ProcessRoots:
         self.base = base
         self._own: Path | None = None
         self._lock: int | None = None
+        #: Builds claim their directories from worker threads, several at once.
+        self._claiming = threading.Lock()
 
     def build_dir(self) -> Path:
         """A new directory for one build's roots; drop it with :func:`shutil.rmtree`."""
@@ -76,15 +79,16 @@ class ProcessRoots:
             self._lock = None
 
     def _claimed(self) -> Path:
-        if self._own is None or not self._own.is_dir():
-            self.base.mkdir(parents=True, exist_ok=True)
-            own = Path(tempfile.mkdtemp(prefix=f"daemon-{os.getpid()}-", dir=self.base))
-            lock = os.open(own / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            if self._lock is not None:
-                os.close(self._lock)
-            self._own, self._lock = own, lock
-        return self._own
+        with self._claiming:
+            if self._own is None or not self._own.is_dir():
+                self.base.mkdir(parents=True, exist_ok=True)
+                own = Path(tempfile.mkdtemp(prefix=f"daemon-{os.getpid()}-", dir=self.base))
+                lock = os.open(own / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                if self._lock is not None:
+                    os.close(self._lock)
+                self._own, self._lock = own, lock
+            return self._own
 
 
 def remove_stale_roots(base: Path, now: float | None = None, *, dry_run: bool = False) -> int:

@@ -168,7 +168,7 @@ class ManifestStore:
                 self._metrics.cache("manifest_record", hit=False)
                 return None
             manifests[form] = StoredManifest(forms[form][0], digest, blob.data)
-        for digest in _blobs_named(manifests.values()):
+        for digest in blobs_named(manifests.values()):
             if (yield self._storage.stat_blob(digest)) is None:
                 self.log.warn(
                     "image record {key} names blob {digest}, which storage lacks: building again",
@@ -261,14 +261,14 @@ class ManifestStore:
             self._unname(key, previous)
         self._local[key] = built
         self._records.setdefault(key, (record, self._clock()))
-        for digest in _blobs_named(built.manifests.values()):
+        for digest in blobs_named(built.manifests.values()):
             self._naming.setdefault(digest, set()).add(key)
         while len(self._local) > LOCAL_MANIFEST_CACHE_SIZE:
             self._unname(*self._local.popitem(last=False))
 
     def _unname(self, key: str, built: BuiltImage) -> None:
         self._records.pop(key, None)
-        for digest in _blobs_named(built.manifests.values()):
+        for digest in blobs_named(built.manifests.values()):
             keys = self._naming.get(digest)
             if keys is not None:
                 keys.discard(key)
@@ -276,7 +276,7 @@ class ManifestStore:
                     del self._naming[digest]
 
 
-def _blobs_named(manifests: Iterable[StoredManifest]) -> list[str]:
+def blobs_named(manifests: Iterable[StoredManifest]) -> list[str]:
     """The config and layer digests the manifests name, each once."""
     digests: dict[str, None] = {}
     for manifest in manifests:

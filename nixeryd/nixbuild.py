@@ -33,9 +33,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.logger import Logger
 
 from nixeryd.closure import ClosureGraph
@@ -45,7 +45,10 @@ from nixeryd.gcroots import ProcessRoots
 from nixeryd.imagename import ImageTarget
 from nixeryd.nixslots import NixSlots
 from nixeryd.process import ProcessResult, ProcessRunner, ProcessTimedOut
+from nixeryd.runtime import ThreadRunner
 from nixeryd.sources import SourceRef
+
+T = TypeVar("T")
 
 #: Lines of Nix's error a client is shown; the log keeps all of them.
 ERROR_EXCERPT_LINES = 12
@@ -277,6 +280,7 @@ class Nix:
         evaluators: EvaluatorPool | None = None,
         unpinned_reuse: float = 0.0,
         slots: NixSlots | None = None,
+        run_in_thread: ThreadRunner | None = None,
     ) -> None:
         """``builder_timeout`` (``NIX_TIMEOUT``) is how long one Nix builder may run and
         may be silent; ``step_timeout`` bounds each Nix invocation as a whole (the
@@ -292,7 +296,12 @@ class Nix:
 
         With ``slots``, every step waits for one of its slots (see
         :mod:`nixeryd.nixslots`): an evaluation may be refused with 429 when too
-        many wait; None runs every step at once."""
+        many wait; None runs every step at once.
+
+        With ``run_in_thread``, each build's garbage collector root directory is
+        made and removed in a worker thread: on a disk busy with layer writes, a
+        directory operation on the reactor thread stalled cached answers for
+        milliseconds."""
         self._processes = processes
         self._nixpkgs_config = None if nixpkgs_config is None else dict(nixpkgs_config)
         self._overlays = tuple(overlays)
@@ -307,6 +316,7 @@ class Nix:
         self._unpinned_reuse = unpinned_reuse
         self._evaluators = evaluators
         self._slots = slots
+        self._run_in_thread = run_in_thread
 
     @property
     def evaluation_identity(self) -> str:
@@ -509,7 +519,8 @@ class Nix:
         roots = None
         add_root = []
         if self._gc_roots is not None:
-            roots = self._gc_roots.build_dir()
+            # In a worker thread: the reactor must not wait on the disk while builds queue.
+            roots = yield self._blocking(self._gc_roots.build_dir)
             add_root = ["--add-root", str(roots / "result"), "--indirect"]
         seconds = str(max(1, math.ceil(self._builder_timeout)))  # Nix takes whole seconds
         limits = ["--timeout", seconds, "--max-silent-time", seconds]
@@ -527,7 +538,13 @@ class Nix:
     def release(self, roots: Path | None) -> None:
         """Drop the garbage collector roots :meth:`realise` registered."""
         if roots is not None:
-            shutil.rmtree(roots, ignore_errors=True)
+            self._blocking(lambda: shutil.rmtree(roots, ignore_errors=True))
+
+    def _blocking(self, work: Callable[[], T]) -> Deferred[T]:
+        """``work()`` in a worker thread, or at once without ``run_in_thread``."""
+        if self._run_in_thread is None:
+            return succeed(work())
+        return self._run_in_thread(work)
 
     @inlineCallbacks
     def closure(self, packages: Sequence[ResolvedPackage], image: ImageTarget) -> Any:

@@ -10,14 +10,29 @@ whole image's build) stops the command it is waiting for, and
 :meth:`ReactorProcessRunner.stop` kills every command still running when the
 daemon stops.
 
+A command is started in a worker thread, not on the reactor thread:
+``posix_spawn`` returns only once the child has exec'd, and on two busy cores
+the child may wait milliseconds for a CPU first. Spawned by the reactor, each
+of an image's three Nix commands stopped every cached answer for that long
+(1-6 ms each, 150 of them in a flood of 50 new images: the cached p99 went to
+4-25x of idle). The thread hands the child's pid and pipes to the reactor,
+which reads and reaps it as twisted.web's own processes
+(:class:`_SpawnedProcess`).
+
 A process group is not enough: Nix starts each builder in a session of its
 own (under a ``nixbld`` user), so killing nix-store's group left the builder
 running, reparented to init, finishing a build nobody waits for and
 registering its output. :func:`kill_tree` stops every descendant first, found
 by their parent ids in ``/proc`` across sessions, then kills them all.
-What it cannot reach is a builder already orphaned by a nix-store that died
-some other way (killed by someone else): by then nothing links it to
-nixeryd.
+A nix-store that dies some other way (the out-of-memory killer, an operator's
+``kill -9``) orphans its builders before anything can look for them. So the
+daemon makes itself their reaper (:meth:`ReactorProcessRunner.adopt_orphans`,
+Linux's ``PR_SET_CHILD_SUBREAPER``): an orphaned descendant is reparented to
+the daemon rather than to init, and the daemon kills and reaps every child
+it did not start itself, right after a command is killed from outside and
+every :data:`ORPHAN_SWEEP_INTERVAL` seconds. The reactor reaps only the
+children it spawned, by pid; adopted ones are reaped by pid as well, so
+neither takes the other's.
 
 :meth:`ReactorProcessRunner.start` runs a long-lived interactive command the
 same way (its own process group, stderr streamed by line), for a caller that
@@ -29,18 +44,26 @@ the same :class:`ProcessRunner` interface.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import fcntl
 import os
 import re
 import signal
 import sys
+import threading
+import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from twisted.internet import process as twisted_process
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.task import LoopingCall
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 # ANSI control sequences (cursor moves, erasing, colours).
@@ -52,6 +75,16 @@ STDERR_TAIL_LINES = 200
 #: How much lower than the daemon's the commands' CPU priority is: the daemon answers
 #: cached pulls in milliseconds, and builds on every core must not delay them.
 NICENESS = 10
+
+#: Seconds between looks for orphaned descendants the daemon adopted, besides the look
+#: right after a command is killed by someone else.
+ORPHAN_SWEEP_INTERVAL = 30.0
+
+#: Seconds an adopted orphan may take to die once killed, before the next sweep reaps it.
+_ORPHAN_REAP_WAIT = 2.0
+
+#: prctl(2) option: orphaned descendants are reparented to this process (Linux 3.4+).
+_PR_SET_CHILD_SUBREAPER = 36
 
 # Runs the command as the leader of a new session, so that its process group
 # (the command and everything it starts) can be killed as a whole, at a lower priority.
@@ -143,6 +176,8 @@ class _StreamingProtocol(ProcessProtocol):
         self.on_stderr_line = on_stderr_line
         self.done: Deferred[ProcessResult] = Deferred(canceller=lambda _: self.kill_group())
         self.timed_out = False
+        #: Set by a kill; a command spawned after it is killed at once.
+        self.killed = False
         self._stdout: list[bytes] = []
         self._stderr = _Lines()
         self._tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
@@ -163,11 +198,15 @@ class _StreamingProtocol(ProcessProtocol):
         self.kill_group()
 
     def kill_group(self) -> None:
+        """Kill the command's tree; one still being spawned is killed once it has a pid."""
+        self.killed = True
         _kill(self.transport)
 
     def processEnded(self, reason: Failure) -> None:
         for line in self._stderr.rest():
             self._emit(line)
+        if self.done.called:
+            return  # cancelled: the caller has its CancelledError already
         if self.timed_out:
             self.done.errback(ProcessTimedOut(self.argv, self.timeout, tuple(self._tail)))
             return
@@ -274,6 +313,45 @@ def kill_tree(pid: int) -> None:
             os.kill(process, signal.SIGKILL)
 
 
+def _children(pid: int) -> set[int]:
+    """The processes whose parent is ``pid`` now, by the parent ids in ``/proc``."""
+    found: set[int] = set()
+    with contextlib.suppress(OSError):
+        for entry in os.scandir("/proc"):
+            if entry.name.isdigit() and _parent(entry.path) == pid:
+                found.add(int(entry.name))
+    return found
+
+
+def _reap(orphans: set[int]) -> list[tuple[int, str]]:
+    """Kill each adopted orphan with its tree and reap it, by pid; in a thread. The
+    orphans reaped, with their command lines as they were."""
+    commands = {pid: _command_line(pid) for pid in orphans}
+    for pid in orphans:
+        kill_tree(pid)
+    pending = set(orphans)
+    deadline = time.monotonic() + _ORPHAN_REAP_WAIT
+    while pending and time.monotonic() < deadline:
+        for pid in list(pending):
+            try:
+                reaped, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                reaped = pid
+            if reaped:
+                pending.discard(pid)
+        if pending:
+            time.sleep(0.02)
+    return [(pid, commands[pid]) for pid in sorted(orphans - pending)]
+
+
+def _command_line(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+            return cmdline.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return "?"
+
+
 def descendants(pid: int) -> set[int]:
     """The processes descended from ``pid`` now, by the parent ids in ``/proc``."""
     children: dict[int, list[int]] = {}
@@ -316,19 +394,182 @@ def _exit_status(reason: Failure) -> int | None:
     return None
 
 
-class ReactorProcessRunner:
-    """Runs commands with ``reactor.spawnProcess``, each in its own process group."""
+@dataclass(frozen=True)
+class _Child:
+    """A command spawned in a worker thread: its pid and the parent's ends of its pipes."""
 
-    def __init__(self, reactor: Any) -> None:
+    pid: int
+    stdin: int
+    stdout: int
+    stderr: int
+
+
+def _session_leader_argv(argv: Sequence[str]) -> list[str]:
+    return [sys.executable, "-S", "-c", _SESSION_LEADER, *argv]
+
+
+def _spawn_child(argv: Sequence[str], env: Mapping[str, str]) -> _Child:
+    """Start ``argv`` as the leader of a new session, its stdio on new pipes; in a thread.
+
+    Python opens every descriptor close-on-exec, so the child gets its three
+    pipes and nothing else; signals the daemon ignores (SIGPIPE) are reset,
+    as twisted's spawnProcess does.
+    """
+    ends: list[int] = []
+    try:
+        stdin_read, stdin_write = _pipe(ends)
+        stdout_read, stdout_write = _pipe(ends)
+        stderr_read, stderr_write = _pipe(ends)
+        ignored = [
+            number for number in range(1, signal.NSIG) if signal.getsignal(number) == signal.SIG_IGN
+        ]
+        pid = os.posix_spawn(
+            sys.executable,
+            _session_leader_argv(argv),
+            env,
+            file_actions=[
+                (os.POSIX_SPAWN_DUP2, stdin_read, 0),
+                (os.POSIX_SPAWN_DUP2, stdout_write, 1),
+                (os.POSIX_SPAWN_DUP2, stderr_write, 2),
+            ],
+            setsigdef=ignored,
+        )
+    except BaseException:
+        for end in ends:
+            os.close(end)
+        raise
+    for end in (stdin_read, stdout_write, stderr_write):
+        os.close(end)
+    return _Child(pid, stdin_write, stdout_read, stderr_read)
+
+
+def _pipe(opened: list[int]) -> tuple[int, int]:
+    """A close-on-exec pipe, both ends above the standard descriptors (a daemon started
+    with a closed stdin would get fd 0, which the child's dup2 would leave close-on-exec)."""
+    ends = []
+    for end in os.pipe():
+        if end <= 2:
+            moved = fcntl.fcntl(end, fcntl.F_DUPFD_CLOEXEC, 3)
+            os.close(end)
+            end = moved
+        opened.append(end)
+        ends.append(end)
+    return ends[0], ends[1]
+
+
+class _SpawnedProcess(twisted_process.Process):
+    """twisted's process transport for a child spawned elsewhere (:func:`_spawn_child`).
+
+    twisted's ``Process`` creates the pipes and spawns in its constructor, on
+    the reactor thread; this one takes both, and does the rest as it does:
+    readers and a writer on the pipes, the protocol connected, the pid reaped
+    by the reactor's SIGCHLD handling (at once, if it has exited already).
+    """
+
+    def __init__(self, reactor: Any, child: _Child, protocol: ProcessProtocol) -> None:
         self._reactor = reactor
+        twisted_process._BaseProcess.__init__(self, protocol)  # type: ignore[arg-type]
+        self.pid = child.pid
+        self.proto = protocol  # type: ignore[assignment]
+        pipes: dict[int, Any] = {
+            0: self.processWriterFactory(reactor, self, 0, child.stdin, forceReadHack=True),
+            1: self.processReaderFactory(reactor, self, 1, child.stdout),
+            2: self.processReaderFactory(reactor, self, 2, child.stderr),
+        }
+        self.pipes = pipes
+        protocol.makeConnection(self)
+        twisted_process.registerReapProcessHandler(self.pid, self)
+
+
+class ReactorProcessRunner:
+    """Runs commands through the reactor, each in its own process group.
+
+    ``pool`` is the thread pool commands are spawned in (the reactor's by
+    default); the reactor reads their output and reaps them.
+    """
+
+    log = Logger()
+
+    def __init__(self, reactor: Any, pool: Any = None) -> None:
+        self._reactor = reactor
+        self._pool = pool if pool is not None else reactor.getThreadPool()
         #: What is running now, so that :meth:`stop` leaves no command behind.
         self._running: set[ProcessProtocol] = set()
+        #: Set by :meth:`stop`: a command whose spawn finishes after it is killed at once.
+        self._stopping = False
+        #: Pids spawned in a thread and not yet handed to the reactor, under the lock
+        #: a sweep for orphans holds while it lists this process's children.
+        self._spawn_lock = threading.Lock()
+        self._handing_over: set[int] = set()
+        self._sweeps: LoopingCall | None = None
+        self._sweeping = False
+
+    def adopt_orphans(self) -> bool:
+        """Become the reaper of orphaned descendants, and kill and reap them from now on.
+
+        False (and nothing changes) where the kernel offers no subreaper: an
+        orphan is then init's, as before.
+        """
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            adopted = bool(libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
+        except (OSError, AttributeError):
+            adopted = False
+        if adopted:
+            self._sweeps = LoopingCall(self._sweep_orphans)
+            self._sweeps.clock = self._reactor
+            self._sweeps.start(ORPHAN_SWEEP_INTERVAL, now=False)
+        return adopted
+
+    def _sweep_orphans(self) -> Deferred[None] | None:
+        """Kill and reap the children this process did not start (adopted orphans)."""
+        if self._sweeping or self._stopping:
+            return None
+        self._sweeping = True
+
+        def confirmed(candidates: set[int]) -> set[int]:
+            # On the reactor thread, where the reactor registers what it spawns itself.
+            return candidates - set(twisted_process.reapProcessHandlers)
+
+        def done(orphans: list[tuple[int, str]]) -> None:
+            if orphans:
+                # Their own children, killed with them, are this process's to reap now.
+                self._reactor.callLater(0.5, self._sweep_orphans)
+            for pid, command in orphans:
+                self.log.warn(
+                    "killed and reaped process {pid} ({command}): a command nixeryd ran died "
+                    "and left it behind",
+                    pid=pid,
+                    command=command,
+                )
+
+        def failed(failure: Failure) -> None:
+            self.log.failure("looking for orphaned processes failed", failure)
+
+        def finished(result: Any) -> None:
+            self._sweeping = False
+
+        sweep = deferToThreadPool(self._reactor, self._pool, self._unregistered_children)
+        sweep.addCallback(confirmed)
+        sweep.addCallback(lambda pids: deferToThreadPool(self._reactor, self._pool, _reap, pids))
+        return sweep.addCallbacks(done, failed).addBoth(finished)
+
+    def _unregistered_children(self) -> set[int]:
+        """This process's children but those being handed to the reactor; in a thread."""
+        with self._spawn_lock:
+            return _children(os.getpid()) - self._handing_over
 
     def stop(self) -> None:
         """Kill every command still running, with its process tree: the daemon is
         stopping, and a build nobody waits for would still fill the Nix store."""
+        self._stopping = True
+        if self._sweeps is not None and self._sweeps.running:
+            self._sweeps.stop()
         for protocol in list(self._running):
-            _kill(protocol.transport)
+            if isinstance(protocol, _StreamingProtocol):
+                protocol.kill_group()
+            else:
+                _kill(protocol.transport)
 
     def run(
         self,
@@ -339,13 +580,41 @@ class ReactorProcessRunner:
         env: Mapping[str, str] | None = None,
     ) -> Deferred[ProcessResult]:
         protocol = _StreamingProtocol(argv, timeout, on_stderr_line)
-        self._spawn(protocol, argv, env).closeStdin()
+        self._running.add(protocol)
+        environment = dict(os.environ if env is None else env)
+
+        def spawn() -> _Child:
+            with self._spawn_lock:
+                child = _spawn_child(argv, environment)
+                self._handing_over.add(child.pid)
+            if self._stopping:  # the reactor may not run the callback below any more
+                kill_tree(child.pid)
+            return child
+
+        def spawned(child: _Child) -> None:
+            transport = _SpawnedProcess(self._reactor, child, protocol)
+            with self._spawn_lock:
+                self._handing_over.discard(child.pid)
+            transport.closeStdin()
+            if protocol.killed or self._stopping:
+                protocol.kill_group()
+
+        def not_spawned(failure: Failure) -> None:
+            if not protocol.done.called:
+                protocol.done.errback(failure)
+
+        deferToThreadPool(self._reactor, self._pool, spawn).addCallback(spawned).addErrback(
+            not_spawned
+        )
         timer = self._reactor.callLater(timeout, protocol.time_out)
 
         def cancel_timer(result: Any) -> Any:
             self._running.discard(protocol)
             if timer.active():
                 timer.cancel()
+            if self._sweeps is not None and isinstance(result, ProcessResult) and result.signal:
+                # Killed by someone else: what it started is orphaned now.
+                self._sweep_orphans()
             return result
 
         return protocol.done.addBoth(cancel_timer)
@@ -374,7 +643,7 @@ class ReactorProcessRunner:
         transport = self._reactor.spawnProcess(
             protocol,
             sys.executable,
-            [sys.executable, "-S", "-c", _SESSION_LEADER, *argv],
+            _session_leader_argv(argv),
             env=dict(os.environ if env is None else env),
             childFDs={0: "w", 1: "r", 2: "r"},
         )

@@ -17,7 +17,7 @@ from typing import Any, cast
 from urllib.parse import urlencode
 
 from klein import Klein
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import IResource, Resource
@@ -40,9 +40,12 @@ from nixeryd.errors import (
 )
 from nixeryd.fanout import PlatformFanOut
 from nixeryd.imagename import ImageName, is_valid_tag, parse_image_name
-from nixeryd.images import StoredManifest
+from nixeryd.images import StoredManifest, TaggedImage
 from nixeryd.manifest import MANIFEST_MEDIA_TYPES, OCI_INDEX, choose
+from nixeryd.manifeststore import blobs_named
 from nixeryd.metrics import Metrics
+from nixeryd.ratelimit import ClientBuckets
+from nixeryd.singleflight import SingleFlight
 from nixeryd.sources import PackageSource
 from nixeryd.storage import SMALL_BLOB_SIZE, BlobInfo, Redirect, Storage
 
@@ -88,21 +91,29 @@ class RegistryApp:
         gate: Gate | None = None,
         *,
         metrics_page: IResource | None = None,
+        build_limit: ClientBuckets | None = None,
     ) -> None:
         """``gate`` is the site's authentication policy; None: no authentication.
         ``metrics_page`` is served at ``/metrics``; None: not here (another listener
-        serves it, or nothing does)."""
+        serves it, or nothing does). ``build_limit`` rations each client's requests
+        for tags not yet served (see :mod:`nixeryd.ratelimit`); None: no limit."""
         self._images = images
         self.metrics = metrics
         self._metrics_page = metrics_page
         self._gate = gate
-        #: Names (and tags) known to be built, under the ``builds`` policy (see _may_build).
+        self._build_limit = build_limit
+        #: Names (and tags) known to be built: served since start, or (under the ``builds``
+        #: policy, see _may_build) recorded in storage.
         self._built_names: OrderedDict[str, None] = OrderedDict()
         self._builder = builder
         self._storage = storage
         self._source = source
         self._answers = Answers([(b"Docker-Distribution-API-Version", API_VERSION)], metrics)
         self._blob_infos: OrderedDict[str, BlobInfo] = OrderedDict()
+        #: Blob digest -> the name and tag of the image it was last served for, oldest
+        #: first; the image's docker manifest digest marks it noted.
+        self._blob_images: OrderedDict[str, tuple[str, str]] = OrderedDict()
+        self._rebuilds: SingleFlight[BlobInfo | None] = SingleFlight()
 
     @property
     def storage(self) -> Storage:
@@ -198,9 +209,15 @@ class RegistryApp:
         identity: Identity | None = getattr(request, "identity", None)
         if identity is not None and self._gate is not None and self._gate.policy == "builds":
             yield self._may_build(request, name, tag, identity)
+        named = f"{name}:{tag}"
+        if self._build_limit is not None and named not in self._built_names:
+            self._build_limit.take(_client(request, identity), named)
         tagged = yield self._images.tagged(image, tag)
+        self._note_blobs(name, tag, tagged)
         if identity is not None and not identity.anonymous:
-            yield self._note_built(f"{name}:{tag}")
+            yield self._note_built(named)
+        else:
+            self._remember_built(named)
         accept = request.requestHeaders.getRawHeaders(b"accept", [])
         # Caches between client and registry must key a tag's answer by Accept.
         request.setHeader(b"Vary", b"Accept")
@@ -258,14 +275,17 @@ class RegistryApp:
             raise unknown
         info = yield self._blob_info(digest)
         if info is None:
-            self._blob_lost(digest)
-            raise unknown
+            info = yield self._rebuilt(digest)
+            if info is None:
+                raise unknown
         if request.method == b"HEAD":
             return render(request, blob_headers(info), b"")
         if info.size <= SMALL_BLOB_SIZE and not request.requestHeaders.hasHeader(b"range"):
             blob = yield self._storage.read_blob(digest)
             if blob is None:
-                self._blob_lost(digest)
+                yield self._rebuilt(digest)
+                blob = yield self._storage.read_blob(digest)
+            if blob is None:
                 raise unknown
             headers = blob_headers(blob.info)
             self._answers.remember(request, headers, blob.data, by_accept=False)
@@ -283,13 +303,76 @@ class RegistryApp:
                 )
             request.setResponseCode(answer.status)
             return render(request, redirect, b"")
+        # The resource reads the file itself, and the info may be from memory: a file
+        # found missing (or of the wrong size) now is written again within this request,
+        # where the resource could only answer 404. One stat, small beside a large blob.
+        if (yield self._storage.stat_blob(digest)) is None:
+            info = yield self._rebuilt(digest)
+            if info is None:
+                raise unknown
+            answer = self._storage.serve_blob(info)
 
         def answered(_: object) -> None:
             if request.code == BlobUnknown.status:
-                self._blob_lost(digest)
+                # Found missing or damaged while being served, too late for this answer:
+                # written again now, for the client's retry (which waits for it).
+                self._rebuilt(digest)
 
         request.notifyFinish().addBoth(answered)
         return answer
+
+    def _rebuilt(self, digest: str) -> Deferred[BlobInfo | None]:
+        """A lost blob written again, by building again the image last served that names
+        it; its info, or None (no image served since start names it, the build failed,
+        or it gave other bytes). Concurrent requests for the blob wait for one build."""
+        self._blob_lost(digest)
+        return self._rebuilds.run(digest, lambda: self._rebuild(digest))
+
+    @inlineCallbacks
+    def _rebuild(self, digest: str) -> Any:
+        named = self._blob_images.get(digest)
+        if named is None:
+            return None
+        name, tag = named
+        self.log.warn(
+            "blob {digest} is lost: building {name}:{tag}, which names it, again",
+            digest=digest,
+            name=name,
+            tag=tag,
+        )
+        try:
+            yield self._images.tagged(parse_image_name(name), tag)
+        except RegistryError as error:
+            self.log.error(
+                "blob {digest} not rebuilt: {name}:{tag} failed: {message}",
+                digest=digest,
+                name=name,
+                tag=tag,
+                message=error.message,
+            )
+            return None
+        info = yield self._blob_info(digest)
+        if info is None:
+            # Layers are deterministic, so this is a changed package set: the image's new
+            # manifest names other blobs, and its next pull gets them.
+            self.log.warn(
+                "blob {digest}: {name}:{tag} was built again without it", digest=digest,
+                name=name, tag=tag,
+            )  # fmt: skip
+        return info
+
+    def _note_blobs(self, name: str, tag: str, tagged: TaggedImage) -> None:
+        """Remember which image and tag each blob of ``tagged`` was served for, so that a
+        blob found lost can be written again (see :meth:`_rebuilt`)."""
+        for image in tagged.images:
+            digest = image.manifests["docker"].digest
+            if self._blob_images.get(digest) == (name, tag):
+                continue
+            for blob in [digest, *blobs_named(image.manifests.values())]:
+                self._blob_images[blob] = (name, tag)
+                self._blob_images.move_to_end(blob)
+        while len(self._blob_images) > BLOB_INFOS_KEPT:
+            self._blob_images.popitem(last=False)
 
     def _blob_lost(self, digest: str) -> None:
         """A blob is not in storage, or was found damaged (and taken away) while serving
@@ -420,6 +503,15 @@ def _pull_only(request: Request) -> bytes:
     )
     request.setResponseCode(405)
     return _json(request, error.as_json())
+
+
+def _client(request: Request, identity: Identity | None) -> str:
+    """Whose rate a request counts against: an authenticated user's, else its address's
+    (the peer's: a proxy in front makes all its clients one)."""
+    if identity is not None and not identity.anonymous:
+        return f"user {identity.subject}"
+    address = request.getClientAddress()
+    return f"address {getattr(address, 'host', address)}"
 
 
 def _arg(request: Request, name: bytes) -> str | None:

@@ -41,6 +41,7 @@ from nixeryd.nixslots import NixSlots
 from nixeryd.plugins import Plugins, make_plugin_manager
 from nixeryd.popularity import PopularityLoader, PopularitySource
 from nixeryd.process import ProcessRunner, ReactorProcessRunner
+from nixeryd.ratelimit import ClientBuckets
 from nixeryd.registry import RegistryApp
 from nixeryd.runtime import Runtime
 from nixeryd.site import RegistrySite
@@ -73,10 +74,13 @@ def make_registry(
     gc_roots = ProcessRoots(config.gc_roots_dir)
     if processes is None:
         runner = ReactorProcessRunner(reactor)
-        # Builds, closure queries and evaluators alike: none outlives the daemon.
+        # Builds, closure queries and evaluators alike: none outlives the daemon, nor
+        # the nix-store that started it (when something else kills nix-store).
         reactor.addSystemEventTrigger("before", "shutdown", runner.stop)
         # Once they are stopped, no build needs its Nix GC roots.
         reactor.addSystemEventTrigger("during", "shutdown", gc_roots.drop)
+        if not runner.adopt_orphans():
+            log.warn("cannot adopt orphaned processes (no PR_SET_CHILD_SUBREAPER here)")
         processes = runner
     compress_pool = None
     if run_in_thread is not None:
@@ -144,6 +148,7 @@ def make_registry(
         evaluators=evaluators,
         unpinned_reuse=config.evaluator_unpinned_ttl,
         slots=slots,
+        run_in_thread=run_in_thread,
     )
     manifests = ManifestStore(storage, config.compression, metrics)
     builder = ImageBuilder(
@@ -178,7 +183,13 @@ def make_registry(
     page = None
     if config.metrics and not config.metrics_listen:
         page = cast(IResource, MetricsPage(metrics))
-    return RegistryApp(images, builder, storage, source, metrics, gate, metrics_page=page)
+    build_limit = None
+    if config.build_rate is not None:
+        build_limit = ClientBuckets(config.build_rate, reactor)
+        log.info("new image names per client: {rate}", rate=config.build_rate)
+    return RegistryApp(
+        images, builder, storage, source, metrics, gate, metrics_page=page, build_limit=build_limit
+    )
 
 
 #: Idle connections kept per host: an object store is asked many small things at once

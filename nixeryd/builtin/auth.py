@@ -3,7 +3,8 @@
 ``htpasswd``
     Basic credentials checked against an htpasswd file of bcrypt hashes
     (``htpasswd -B``). Other hash kinds (MD5-crypt, SHA-1, crypt, plain) are
-    refused at start-up: they are fast to guess from a leaked file.
+    refused at start-up: they are fast to guess from a leaked file. The file
+    is read again when it changes (see :class:`Htpasswd`).
 ``token``
     Docker's token flow, with nixeryd as its own issuer: ``GET /token`` with
     Basic credentials (Docker, podman, skopeo, oras) and the OAuth2
@@ -26,6 +27,7 @@
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import time
 from collections.abc import Mapping, Sequence
@@ -54,6 +56,15 @@ _BCRYPT_PREFIXES = ("$2a$", "$2b$", "$2y$")
 _NO_SUCH_USER = bcrypt.hashpw(b"no such user", bcrypt.gensalt(10))
 
 
+def _file_version(path: str) -> tuple[int, int, int] | None:
+    """What tells one version of a file from the next: modification time, size, inode."""
+    try:
+        status = os.stat(path)
+    except OSError:
+        return None
+    return (status.st_mtime_ns, status.st_size, status.st_ino)
+
+
 def load_htpasswd(path: str) -> dict[str, bytes]:
     """The users and bcrypt hashes of an htpasswd file; ConfigError for any other kind."""
     try:
@@ -79,16 +90,27 @@ def load_htpasswd(path: str) -> dict[str, bytes]:
 
 
 class Htpasswd:
-    """Users checked against bcrypt hashes, in a worker thread (each check costs ~0.2 s)."""
+    """Users checked against bcrypt hashes, in a worker thread (each check costs ~0.2 s).
 
-    def __init__(self, users: Mapping[str, bytes], run_in_thread: ThreadRunner) -> None:
-        self._users = dict(users)
+    The file is read again when it changes: each check first compares its
+    modification time, size and inode (one ``stat``, in the same thread) with
+    the version loaded, so that adding or removing a user needs no restart. A
+    changed file that does not parse is logged and the users loaded before are
+    kept, so that a half-written edit locks nobody out; the next change is
+    tried again.
+    """
+
+    log = Logger()
+
+    def __init__(self, path: str, run_in_thread: ThreadRunner) -> None:
+        self._path = path
+        self._users = load_htpasswd(path)
+        self._version = _file_version(path)
         self._run_in_thread = run_in_thread
 
     def check(self, user: str, password: str) -> Deferred[bool]:
-        hashed = self._users.get(user)
-
         def compare() -> bool:
+            hashed = self._current().get(user)
             try:
                 matches = bcrypt.checkpw(password.encode(), hashed or _NO_SUCH_USER)
             except ValueError:
@@ -96,6 +118,19 @@ class Htpasswd:
             return matches and hashed is not None
 
         return self._run_in_thread(compare)
+
+    def _current(self) -> Mapping[str, bytes]:
+        """The users, read again if the file changed since; in a worker thread."""
+        version = _file_version(self._path)
+        if version != self._version:
+            self._version = version
+            try:
+                self._users = load_htpasswd(self._path)
+            except ConfigError as error:
+                self.log.error("{error}; the users read before are kept", error=str(error))
+            else:
+                self.log.info("htpasswd file {path} read again", path=self._path)
+        return self._users
 
     @inlineCallbacks
     def identity(self, credentials: str) -> Any:
@@ -428,13 +463,13 @@ def _signing_key(text: str) -> str:
 
 
 def _create_htpasswd(runtime: Runtime) -> BasicAuthenticator:
-    users = Htpasswd(load_htpasswd(runtime.settings["htpasswd"]), runtime.run_in_thread)
+    users = Htpasswd(runtime.settings["htpasswd"], runtime.run_in_thread)
     return BasicAuthenticator(users, runtime.settings["realm"])
 
 
 def _create_token(runtime: Runtime) -> TokenIssuer:
     settings = runtime.settings
-    users = Htpasswd(load_htpasswd(settings["htpasswd"]), runtime.run_in_thread)
+    users = Htpasswd(settings["htpasswd"], runtime.run_in_thread)
     key = settings["key"]
     if key is None:
         key = secrets.token_urlsafe(48)

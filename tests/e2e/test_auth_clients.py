@@ -120,6 +120,23 @@ def challenge(registry: TlsDaemon, name: str) -> str:
     )
 
 
+def test_a_wrong_password_is_refused_by_the_daemon_and_the_clients(secured: TlsDaemon) -> None:
+    # The password is checked in a worker thread; the refusal that comes from there once
+    # let every request through.
+    for user, password in ((USER, "wrong-Passw0rd"), ("mallory", PASSWORD)):
+        token = base64.b64encode(f"{user}:{password}".encode()).decode()
+        for path in (
+            "/v2/",
+            f"/v2/{IMAGE}/manifests/latest",
+            f"/token?scope=repository:{IMAGE}:pull",
+        ):
+            status, _, body = secured.get(path, Authorization=f"Basic {token}")
+            assert status == 401, (user, path, body)
+    with pytest.raises(AssertionError, match=r"401|nauthorized|authentication required"):
+        run("skopeo", "inspect", "--cert-dir", str(secured.cert_dir),
+            "--creds", f"{USER}:wrong-Passw0rd", f"docker://{secured.host}/{IMAGE}")  # fmt: skip
+
+
 def test_an_unauthenticated_pull_is_refused_with_the_challenge(secured: TlsDaemon) -> None:
     status, headers, body = secured.get(f"/v2/{IMAGE}/manifests/latest")
     assert status == 401

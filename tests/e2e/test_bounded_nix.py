@@ -124,3 +124,41 @@ def _kill(builders: set[int]) -> None:
 def _pull_until_stopped(daemon: Daemon) -> None:
     with contextlib.suppress(OSError):  # the daemon stops mid-answer, on purpose
         fetch(daemon, "/v2/slow/manifests/latest")
+
+
+def test_a_nix_store_killed_from_outside_leaves_no_builder_and_says_so(tmp_path: Path) -> None:
+    # The out-of-memory killer or an operator's kill -9: nix-store dies at once, and its
+    # builder (in a session of its own) is orphaned before anything can look for it.
+    daemon = Daemon(tmp_path / "killed", NIX_TIMEOUT="60")
+    builders = _Builders(daemon)
+    answers: list[Any] = []
+    pull = threading.Thread(
+        target=lambda: answers.append(fetch(daemon, "/v2/slow/manifests/latest"))
+    )
+    pull.start()
+    try:
+        builders.wait_for_one()
+        realise = [
+            pid for pid in descendants(daemon.process.pid) if "nix-store --realise" in _command(pid)
+        ]
+        assert len(realise) == 1, realise
+        os.kill(realise[0], signal.SIGKILL)
+        pull.join(timeout=60)
+        deadline = time.monotonic() + 5
+        while _running(builders.seen) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        left = builders.stop()
+        _kill(left)
+        pull.join()
+        daemon.stop()
+    assert left == set(), f"the killed nix-store left builders running: {left}"
+    status, _, body = answers[0]
+    assert status == 404
+    message = error_of(body)["message"]
+    assert "nix-store was killed by SIGKILL" in message, message
+    assert "killed and reaped process" in daemon.log()
+
+
+def _running(pids: set[int]) -> set[int]:
+    return {pid for pid in pids if _command(pid).startswith("sleep")}

@@ -4,7 +4,8 @@ Fifty distinct new image names are asked for at once from a daemon whose
 package set makes fifty tiny, never-built packages (``benchmarks/flood``).
 Meanwhile the Nix commands under the daemon are counted by sampling
 ``/proc``, and a cached manifest is fetched by digest over and over; its p99
-is compared with the same fetches on the idle daemon. Evaluators are off, so
+is compared with the same fetches on the idle daemon (2 s of back-to-back GETs each:
+the flood's from its start, idle before and after it). Evaluators are off, so
 that each evaluation is a process of its own and counted as one.
 
 Run alone, for the figures: ``pytest -s tests/e2e/test_flood.py -k nix-2.8``.
@@ -18,6 +19,7 @@ import sys
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -29,7 +31,11 @@ pytestmark = pytest.mark.e2e
 
 IMAGES = 50
 NIX_JOBS = 2
-CACHED_FETCHES = 300
+#: Seconds of cached GETs timed, idle and from the flood's start (it lasts 3-8 s).
+TIMED_SECONDS = 2.0
+#: The p99 allowed over 2x of idle: scheduling noise from other work on 2 shared cores,
+#: which moves the idle p99 alone between 0.2 and 4 ms from one 2 s window to the next.
+NOISE_FLOOR = 0.005
 NIX_PROGRAMS = ("nix-store", "nix-instantiate", "nix")
 
 
@@ -69,33 +75,50 @@ def _parent(pid: int) -> int | None:
         return None
 
 
-#: Times GETs of one path in a process of its own, so that the test's threads (the
-#: pulls, the /proc sampler) do not hold the GIL of the client being timed.
+#: Times back-to-back GETs of one path for a number of seconds, in a process of its own,
+#: so that the test's threads (the pulls, the /proc sampler) do not hold the GIL of the
+#: client being timed; prints the count, p50 and p99 in seconds.
 _TIMED_FETCHES = """
 import http.client, sys, time
-port, path, count = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+port, path, seconds = int(sys.argv[1]), sys.argv[2], float(sys.argv[3])
 connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-seconds = []
-for _ in range(count):
+samples = []
+end = time.monotonic() + seconds
+while time.monotonic() < end:
     started = time.perf_counter()
     connection.request("GET", path)
     response = connection.getresponse()
     response.read()
-    seconds.append(time.perf_counter() - started)
+    samples.append(time.perf_counter() - started)
     assert response.status == 200, response.status
-print(sorted(seconds)[int(count * 0.99) - 1])
+samples.sort()
+print(len(samples), samples[len(samples) // 2], samples[int(len(samples) * 0.99)])
 """
 
 
-def _p99(daemon: Daemon, path: str) -> float:
-    timed = subprocess.run(
-        [sys.executable, "-c", _TIMED_FETCHES, str(daemon.port), path, str(CACHED_FETCHES)],
-        capture_output=True,
+@dataclass(frozen=True)
+class Latency:
+    fetches: int
+    p50: float
+    p99: float
+
+    def __str__(self) -> str:
+        return f"p50 {self.p50 * 1000:.2f} ms, p99 {self.p99 * 1000:.2f} ms ({self.fetches} GETs)"
+
+
+def _timed(daemon: Daemon, path: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-c", _TIMED_FETCHES, str(daemon.port), path, str(TIMED_SECONDS)],
+        stdout=subprocess.PIPE,
         text=True,
-        check=True,
-        timeout=120,
     )
-    return float(timed.stdout)
+
+
+def _latency(timed: subprocess.Popen[str]) -> Latency:
+    stdout, _ = timed.communicate(timeout=120)
+    assert timed.returncode == 0, stdout
+    fetches, p50, p99 = stdout.split()
+    return Latency(int(fetches), float(p50), float(p99))
 
 
 def _pull(daemon: Daemon, name: str, statuses: list[int]) -> None:
@@ -124,7 +147,7 @@ def test_a_flood_of_new_images_keeps_nix_bounded_and_cached_answers_fast(tmp_pat
         digest = connection.getresponse().headers["Docker-Content-Digest"]
         connection.close()
         cached = f"/v2/hello/manifests/{digest}"
-        idle = _p99(daemon, cached)
+        before = _latency(_timed(daemon, cached))
 
         most = 0
         flooding = True
@@ -144,24 +167,25 @@ def test_a_flood_of_new_images_keeps_nix_bounded_and_cached_answers_fast(tmp_pat
         ]
         for pull in pulls:
             pull.start()
-        time.sleep(1)
-        flood = _p99(daemon, cached)
+        flood = _latency(_timed(daemon, cached))
         for pull in pulls:
             pull.join()
         flooding = False
         sampler.join()
         seconds = time.monotonic() - started
+        after = _latency(_timed(daemon, cached))
+        # The machine's idle is the worse window, before or after: other work on the
+        # shared cores comes and goes, and a quiet window beside a busy one is no baseline.
+        idle = max(before, after, key=lambda latency: latency.p99)
         print(
             f"\nflood of {IMAGES}: {seconds:.1f} s; most Nix processes at once {most} "
-            f"(bound {NIX_JOBS}); cached manifest p99 idle {idle * 1000:.2f} ms, "
-            f"under the flood {flood * 1000:.2f} ms ({flood / idle:.2f}x); "
-            f"statuses {sorted(set(statuses))}"
+            f"(bound {NIX_JOBS}); cached manifest idle {idle}, under the flood {flood} "
+            f"(p99 {flood.p99 / idle.p99:.2f}x); statuses {sorted(set(statuses))}"
         )
         assert statuses.count(200) == IMAGES + 1
         assert 0 < most <= NIX_JOBS
-        # The issue's figure was 1.5 s. At a sub-millisecond idle p99, the daemon's own
-        # work for the new images (layer writes) on 2 shared cores costs 1-8 ms: 2x of
-        # idle is not met, so the bound asserted is 2x plus 20 ms (see benchmarks/README.md).
-        assert flood <= 2 * idle + 0.020
+        # The issue's bound, 2x of idle, with a floor for a sub-millisecond idle p99 on a
+        # shared machine (see NOISE_FLOOR).
+        assert flood.p99 <= max(2 * idle.p99, idle.p99 + NOISE_FLOOR)
     finally:
         daemon.stop()

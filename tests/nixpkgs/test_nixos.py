@@ -88,6 +88,7 @@ NIX_TYPES: dict[str, str] = {
     "_non_negative_float": "nonnegative integer or floating point number",
     "_names": "list of string",
     "parse_platforms": "list of string",
+    "parse_rate": "string",
     "_nix_file": "absolute path",
     "_nix_files": "list of absolute path",
     "parse": "one of",  # _one_of(...)

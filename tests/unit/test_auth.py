@@ -16,10 +16,15 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.web.server import NOT_DONE_YET
+from twisted.web.test.requesthelper import DummyRequest
 
 from nixeryd.accesslog import AccessLog
+from nixeryd.auth import Gate, Identity, gated
+from nixeryd.builtin.auth import Htpasswd
 from nixeryd.config import ConfigError
 from nixeryd.site import RegistryChannel, RegistrySite
 from nixeryd.testing.harness import FakeNix, Harness, RegistryFactory, building, header
@@ -454,3 +459,74 @@ def test_metrics_on_the_registry_listener_need_credentials(
     response, body = registry.get("/metrics", headers={"Authorization": basic()})
     assert response.code == 200
     assert b"nixeryd_http_requests_total" in body
+
+
+def test_the_htpasswd_file_is_read_again_when_it_changes(
+    registry_with: RegistryFactory, nix: FakeNix, htpasswd: Path
+) -> None:
+    registry = with_auth(registry_with, nix, htpasswd)
+    bob = basic(user="bob", password="bobs-password")
+    assert registry.get("/v2/", headers={"Authorization": bob})[0].code == 401
+    hashed = bcrypt.hashpw(b"bobs-password", bcrypt.gensalt(4)).decode()
+    htpasswd.write_text(htpasswd.read_text() + f"bob:{hashed}\n")
+    assert registry.get("/v2/", headers={"Authorization": bob})[0].code == 200, "no restart"
+
+
+def test_a_changed_htpasswd_file_that_does_not_parse_keeps_the_users_read_before(
+    htpasswd: Path,
+) -> None:
+    users = Htpasswd(str(htpasswd), maybeDeferred)
+    assert _result(users.check("alice", PASSWORD))
+    good = htpasswd.read_text()
+    htpasswd.write_text(good + "mallory:plain-text\n")
+    assert _result(users.check("alice", PASSWORD)), "a half-written edit locked alice out"
+    assert not _result(users.check("mallory", "plain-text"))
+    htpasswd.write_text("# nobody\n" + good.replace("alice", "carol"))
+    assert not _result(users.check("alice", PASSWORD))
+    assert _result(users.check("carol", PASSWORD))
+
+
+def _result(deferred: Deferred[bool]) -> bool:
+    results: list[bool] = []
+    deferred.addCallback(results.append)
+    assert results, "the check did not fire at once with a synchronous runner"
+    return results[0]
+
+
+class _Later:
+    """An authenticator whose verdicts come later, as a bcrypt check in a thread's do."""
+
+    def __init__(self) -> None:
+        self.pending: list[Deferred[Identity | None]] = []
+
+    def verify(self, scheme: str, credentials: str) -> Deferred[Identity | None]:
+        self.pending.append(Deferred())
+        return self.pending[-1]
+
+    def challenge(self, host: str, scope: str | None, error: str | None) -> bytes:
+        return b'Basic realm="later"'
+
+    def endpoints(self) -> dict[bytes, Any]:
+        return {}
+
+
+@pytest.mark.parametrize(
+    ("verdict", "status"), [(None, 401), (Identity("alice"), 200)], ids=["refused", "allowed"]
+)
+def test_a_verdict_that_comes_later_is_the_one_answered(
+    verdict: Identity | None, status: int
+) -> None:
+    authenticator = _Later()
+    request = DummyRequest([b"v2", b""])
+    request.path = b"/v2/"
+    request._disconnected = False  # what twisted.web's Request has, and _write reads
+    request.requestHeaders.setRawHeaders(b"authorization", [basic(password="wrong").encode()])
+    rendered = gated(Gate(authenticator, "everything"), request, lambda _: b"{}")
+    assert rendered is NOT_DONE_YET and not request.finished
+    authenticator.pending[0].callback(verdict)
+    assert request.finished
+    assert (request.responseCode or 200) == status
+    if status == 401:
+        assert json.loads(b"".join(request.written))["errors"][0]["code"] == "UNAUTHORIZED"
+    else:
+        assert b"".join(request.written) == b"{}"

@@ -5,13 +5,14 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import threading
 import time
 from typing import Any
 
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import deferLater
 
 from nixeryd.process import (
@@ -130,6 +131,62 @@ def test_stopping_the_runner_kills_what_runs_with_its_tree(tmp_path: Any) -> Any
     assert result.signal == signal.SIGKILL
     assert result.exit_code == 128 + signal.SIGKILL
     assert (yield _gone(int(pid_file.read_text()))), "the grandchild survived the stop"
+
+
+class _RecordingPool:
+    """The reactor's thread pool, noting the threads each spawn ran in."""
+
+    def __init__(self) -> None:
+        self.threads: list[int] = []
+        self.spawned: list[Any] = []
+        self._pool = reactor.getThreadPool()  # type: ignore[attr-defined]
+
+    def callInThreadWithCallback(self, on_result: Any, work: Any, *args: Any) -> None:
+        def noted() -> Any:
+            self.threads.append(threading.get_ident())
+            child = work(*args)
+            self.spawned.append(child)
+            return child
+
+        self._pool.callInThreadWithCallback(on_result, noted)
+
+
+@pytest_twisted.inlineCallbacks
+def test_commands_are_spawned_off_the_reactor_thread_in_a_session_of_their_own() -> Any:
+    # posix_spawn returns once the child has exec'd; on the reactor thread each spawn
+    # stalled every cached answer for that long on busy cores.
+    pool = _RecordingPool()
+    script = (
+        "import os, sys\n"
+        "print(os.getsid(0) == os.getpid())\n"
+        "print(sys.stdin.read() == '', file=sys.stderr)\n"
+    )
+    lines: list[str] = []
+    result: ProcessResult = yield ReactorProcessRunner(reactor, pool).run(
+        [sys.executable, "-c", script], timeout=10, on_stderr_line=lines.append
+    )
+    assert pool.threads and threading.get_ident() not in pool.threads
+    assert result.exit_code == 0
+    assert result.stdout == b"True\n"
+    assert lines == ["True"]
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_command_cancelled_while_it_is_spawned_is_killed() -> Any:
+    pool = _RecordingPool()
+    running = ReactorProcessRunner(reactor, pool).run(
+        [sys.executable, "-c", "import time; time.sleep(60)"],
+        timeout=60,
+        on_stderr_line=lambda line: None,
+    )
+    running.cancel()  # before the worker thread has spawned it
+    with pytest.raises(CancelledError):
+        yield running
+    for _ in range(100):
+        if pool.spawned:
+            break
+        yield deferLater(reactor, 0.05, lambda: None)
+    assert (yield _gone(pool.spawned[0].pid)), "the command outlived its cancellation"
 
 
 def test_descendants_cross_sessions(tmp_path: Any) -> None:

@@ -73,7 +73,7 @@ class StableLayering:
     def group(self, closure: ClosureGraph, popularity: Popularity, budget: int) -> list[Layer]:
         if budget < 1:
             raise ValueError(f"layer budget must be at least 1, not {budget}")
-        groups = _groups(closure, popularity)
+        groups = dominance_groups(closure, popularity)
         sizes = {head: closure.total_size(members) for head, members in groups.items()}
         largest_first = sorted(groups, key=lambda head: (-sizes[head], head))
         kept, folded = largest_first[: budget - 1], largest_first[budget - 1 :]
@@ -100,7 +100,7 @@ class StableLayering:
         return base
 
 
-def _groups(closure: ClosureGraph, popularity: Popularity) -> dict[str, list[str]]:
+def dominance_groups(closure: ClosureGraph, popularity: Popularity) -> dict[str, list[str]]:
     """Each group's head with its members (step 1), heads and members in visiting order."""
     graph = closure.graph
     roots = set(closure.roots)

@@ -303,7 +303,7 @@ in
             Popularity data: `http(s)://`, `file://` or a path.
           '';
           layering_strategy = setting types.str ''
-            Layering plugin by name: `stable` (default) or `popularity`.
+            Layering plugin by name: `prefix` (default), `stable` or `popularity`.
           '';
           layer_budget = setting (types.ints.between 1 125) ''
             Most layers per image, the symlink layer included (default 94).

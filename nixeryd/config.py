@@ -71,7 +71,7 @@ class Config:
     #: Seconds a git source's ``git ls-remote`` listing is reused (0: never).
     git_refs_ttl: float = 30.0
     popularity_url: str | None = None
-    layering_strategy: str = "stable"
+    layering_strategy: str = "prefix"
     layer_budget: int = DEFAULT_LAYER_BUDGET
     #: Platforms every image is built for (an index lists them); the first is the default.
     platforms: tuple[Platform, ...] = field(default_factory=lambda: (host_platform(),))

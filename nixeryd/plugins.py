@@ -25,11 +25,20 @@ _log = Logger()
 
 def builtin_plugins() -> tuple[object, ...]:
     """The plugins nixeryd ships: filesystem, S3 and GCS storage, path, git and channel
-    sources, stable and popularity (Nixery's) layering, htpasswd, token and JWKS
+    sources, prefix, stable and popularity (Nixery's) layering, htpasswd, token and JWKS
     authentication."""
-    from nixeryd.builtin import auth, filesystem, gcs, layering, s3, sources, stable_layering
+    from nixeryd.builtin import (
+        auth,
+        filesystem,
+        gcs,
+        layering,
+        prefix_layering,
+        s3,
+        sources,
+        stable_layering,
+    )
 
-    return (filesystem, s3, gcs, sources, stable_layering, layering, auth)
+    return (filesystem, s3, gcs, sources, prefix_layering, stable_layering, layering, auth)
 
 
 def make_plugin_manager(

@@ -46,6 +46,7 @@ from typing import Any
 
 import networkx as nx
 
+from nixeryd.builtin.prefix_layering import BASE_PARTS
 from nixeryd.builtin.stable_layering import BASE_PACKAGE_NAMES
 from nixeryd.closure import ClosureGraph, StorePath, store_path_name
 from nixeryd.popularity import Popularity
@@ -76,6 +77,18 @@ DEBIAN_TOOLS = (
     "bc", "tar", "zip", "patch", "diffutils", "findutils",
 )  # fmt: skip
 
+#: Language toolchains a CI image starts from (Debian package names), most used first.
+DEBIAN_TOOLCHAINS = (
+    ("python3", "python3-pip", "python3-venv"), ("nodejs", "npm"), ("golang-go",),
+    ("openjdk-17-jdk-headless", "maven"), ("gcc", "g++", "make", "cmake"), ("rustc", "cargo"),
+    ("ruby", "bundler"), ("php-cli", "composer"), ("clang", "llvm", "ninja-build"),
+    ("r-base-core",), ("ghc",), ("elixir", "erlang-nox"), ("texlive-latex-base",),
+)  # fmt: skip
+
+#: What the whole-corpus workloads do not draw: packages nobody names as a tool
+#: (libraries, development files, documentation, data, kernels).
+_NOT_TOOLS = re.compile(r"^(lib|linux-)|-(dev|doc|dbg|data|common|l10n)$")
+
 _PRIORITY_RANK = {"required": 0, "important": 1, "standard": 2, "optional": 3, "extra": 4}
 
 
@@ -97,8 +110,14 @@ class Corpus:
     implicit: tuple[str, ...]
     #: Package names requested as tools, most requested first.
     tools: tuple[str, ...]
+    #: Every package a user might name (the whole-corpus workloads draw from it).
+    everything: tuple[str, ...]
+    #: Language toolchains (package names) a CI image starts from, most used first.
+    toolchains: tuple[tuple[str, ...], ...]
     #: Store path names (without versions) of the shell and implicit packages.
     base_names: tuple[str, ...]
+    #: The same in the prefix strategy's parts: the implicit packages', then the shell's.
+    base_parts: tuple[tuple[str, ...], ...]
 
     def closure(self, packages: Sequence[str]) -> ClosureGraph:
         """The closure graph of an image of ``packages`` (roots in the order given)."""
@@ -192,6 +211,7 @@ def debian_corpus(
     texts: Iterable[str] | None = None,
     *,
     tools: Sequence[str] = DEBIAN_TOOLS,
+    toolchains: Sequence[Sequence[str]] = DEBIAN_TOOLCHAINS,
     shell: Sequence[str] = DEBIAN_SHELL,
     implicit: Sequence[str] = DEBIAN_IMPLICIT,
 ) -> Corpus:
@@ -268,7 +288,14 @@ def debian_corpus(
         shell=tuple(name for name in shell if name in package_paths),
         implicit=tuple(name for name in implicit if name in package_paths),
         tools=tuple(name for name in tools if name in package_paths),
+        everything=tuple(sorted(name for name in package_paths if not _NOT_TOOLS.search(name))),
+        toolchains=tuple(
+            tuple(toolchain)
+            for toolchain in toolchains
+            if all(name in package_paths for name in toolchain)
+        ),
         base_names=(*shell, *implicit),
+        base_parts=(tuple(implicit), tuple(shell)),
     )
 
 
@@ -348,5 +375,8 @@ def nix_corpus(
         shell=tuple(shell),
         implicit=tuple(name for name in implicit if name in packages),
         tools=tuple(sorted(name for name in packages if name not in special)),
+        everything=tuple(sorted(name for name in packages if name not in special)),
+        toolchains=(),
         base_names=BASE_PACKAGE_NAMES,
+        base_parts=BASE_PARTS,
     )

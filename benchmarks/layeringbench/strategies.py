@@ -29,6 +29,7 @@ import networkx as nx
 
 from benchmarks.layeringbench.corpus import Corpus
 from nixeryd.builtin.layering import PopularityLayering
+from nixeryd.builtin.prefix_layering import PrefixLayering
 from nixeryd.builtin.stable_layering import StableLayering
 from nixeryd.closure import ClosureGraph
 from nixeryd.layering import Layer, LayeringStrategy
@@ -134,14 +135,15 @@ STRATEGY_NAMES = (
     "auto-layer",
     "nixery (popularity)",
     "nixeryd (stable)",
+    "nixeryd (prefix)",
 )
 
 
 def strategies(corpus: Corpus) -> dict[str, LayeringStrategy]:
     """The strategies, set up for ``corpus``.
 
-    nixeryd's stable strategy is told the store path names of the corpus's
-    shell and implicit packages, as the daemon knows nixpkgs' names for them.
+    nixeryd's stable and prefix strategies are told the store path names of the
+    corpus's shell and implicit packages, as the daemon knows nixpkgs' names for them.
     """
     return {
         "single layer": SingleLayer(),
@@ -150,4 +152,5 @@ def strategies(corpus: Corpus) -> dict[str, LayeringStrategy]:
         "auto-layer": AutoLayer(),
         "nixery (popularity)": PopularityLayering(),
         "nixeryd (stable)": StableLayering(base_names=corpus.base_names),
+        "nixeryd (prefix)": PrefixLayering(base_parts=corpus.base_parts),
     }

@@ -35,6 +35,7 @@ the popularity data.
 
 from __future__ import annotations
 
+import heapq
 import re
 from collections.abc import Collection
 
@@ -73,7 +74,7 @@ class StableLayering:
     def group(self, closure: ClosureGraph, popularity: Popularity, budget: int) -> list[Layer]:
         if budget < 1:
             raise ValueError(f"layer budget must be at least 1, not {budget}")
-        groups = _groups(closure, popularity)
+        groups = dominance_groups(closure, popularity)
         sizes = {head: closure.total_size(members) for head, members in groups.items()}
         largest_first = sorted(groups, key=lambda head: (-sizes[head], head))
         kept, folded = largest_first[: budget - 1], largest_first[budget - 1 :]
@@ -100,20 +101,13 @@ class StableLayering:
         return base
 
 
-def _groups(closure: ClosureGraph, popularity: Popularity) -> dict[str, list[str]]:
+def dominance_groups(closure: ClosureGraph, popularity: Popularity) -> dict[str, list[str]]:
     """Each group's head with its members (step 1), heads and members in visiting order."""
     graph = closure.graph
     roots = set(closure.roots)
     head_of: dict[str, str] = {}
     groups: dict[str, list[str]] = {}
-    # Nix refuses reference cycles, but a malformed closure must still be layered:
-    # visit each cycle as one unit, its paths heading groups of their own.
-    components = nx.condensation(graph)
-    order = nx.lexicographical_topological_sort(
-        components, key=lambda c: min(components.nodes[c]["members"])
-    )
-    for component in order:
-        members = sorted(components.nodes[component]["members"])
+    for members in _visiting_order(graph):
         for path in members:
             referrers = [r for r in graph.predecessors(path) if r in head_of]
             heads = {head_of[referrer] for referrer in referrers}
@@ -128,6 +122,38 @@ def _groups(closure: ClosureGraph, popularity: Popularity) -> dict[str, list[str
             head_of[path] = head
             groups.setdefault(head, []).append(path)
     return groups
+
+
+def _visiting_order(graph: nx.DiGraph) -> list[list[str]]:
+    """The paths referrers first, ties by path, each as a unit of its own.
+
+    Kahn's algorithm with a heap, which is networkx's lexicographical topological
+    sort at a fraction of its cost (the layering time of closures of thousands of
+    paths is mostly this). Nix refuses reference cycles, but a malformed closure
+    must still be layered: if there is one, each cycle is visited as one unit
+    (its paths heading groups of their own), in the same order over the
+    condensation, ties by a unit's smallest path.
+    """
+    waiting = dict(graph.in_degree())
+    ready = [path for path, count in waiting.items() if count == 0]
+    heapq.heapify(ready)
+    order: list[list[str]] = []
+    while ready:
+        path = heapq.heappop(ready)
+        order.append([path])
+        for reference in graph.successors(path):
+            waiting[reference] -= 1
+            if waiting[reference] == 0:
+                heapq.heappush(ready, reference)
+    if len(order) == len(waiting):
+        return order
+    components = nx.condensation(graph)
+    return [
+        sorted(components.nodes[component]["members"])
+        for component in nx.lexicographical_topological_sort(
+            components, key=lambda c: min(components.nodes[c]["members"])
+        )
+    ]
 
 
 @hookimpl

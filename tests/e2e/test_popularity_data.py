@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from nixeryd.manifest import DOCKER_MANIFEST
-from tests.e2e.conftest import ROOT, TEST_PACKAGES, Daemon, nix_env
+from tests.e2e.conftest import ROOT, TEST_PACKAGES, Daemon, nix_env, require
 from tests.nixinstalls import NixInstallation
 
 pytestmark = pytest.mark.e2e
@@ -117,3 +117,41 @@ def test_popularity_data_drives_the_layering(popularity_file: Path, tmp_path: Pa
     assert {"libgreet-1.0"} in layered
     assert {"libgreet-1.0"} in greeter
     assert len(layered) > len(plain)
+
+
+def skopeo_layers(daemon: Daemon, image: str) -> list[str]:
+    """The layer digests of the image as skopeo reads them from the daemon."""
+    require("skopeo")
+    inspected = subprocess.run(
+        ["skopeo", "inspect", "--tls-verify=false", f"docker://{daemon.host}/{image}"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert inspected.returncode == 0, inspected.stderr
+    layers: list[str] = json.loads(inspected.stdout)["Layers"]
+    return layers
+
+
+def test_the_default_layering_gives_images_the_same_base_prefix(
+    popularity_file: Path, tmp_path: Path
+) -> None:
+    # The prefix strategy (the default): the closure of cacert and iana-etc, then what
+    # shell's packages add, each part in layers of its own, the same in a small image and
+    # a large one (budget 94: up to 4 per part), before the image's own layers.
+    daemon = Daemon(tmp_path / "prefix", NIX_POPULARITY_URL=f"file://{popularity_file}")
+    try:
+        small = skopeo_layers(daemon, "shell/hello")
+        large = skopeo_layers(daemon, "shell/9lives/fancy/hello/helloworld/tools.greeter")
+        contents = layer_contents(daemon, "shell/hello")
+    finally:
+        daemon.stop()
+    always = {"nss-cacert-3.92", "iana-etc-20230316"}
+    shell = {"bash-interactive-5.2-p15", "coreutils-9.1", "moreutils-0.67", "nano-7.2"}
+    base = always | shell | {"busybox-static"}  # which cacert refers to
+    count = next(i for i, layer in enumerate(contents) if not layer <= base)
+    assert set().union(*contents[:count]) == base
+    # The first part's layers, then the second's.
+    assert max(i for i, layer in enumerate(contents) if layer & always) < min(
+        i for i, layer in enumerate(contents) if layer & shell
+    )
+    assert large[:count] == small[:count]
+    assert len(large) > len(small)

@@ -15,7 +15,7 @@ from benchmarks.layeringbench.strategies import (
     SingleLayer,
     popularity_contest_order,
 )
-from benchmarks.layeringbench.workload import workload
+from benchmarks.layeringbench.workload import WORKLOADS, workload
 from nixeryd.closure import ClosureGraph, StorePath
 from nixeryd.popularity import Popularity
 
@@ -100,6 +100,24 @@ def test_the_workload_is_seeded_and_shaped_like_nixery_traffic() -> None:
     assert sum("bash" in image for image in images) > 25
 
 
+def test_every_workload_is_seeded_and_draws_from_the_corpus() -> None:
+    corpus = debian_corpus(
+        [PACKAGES], tools=["tool", "gawk"], toolchains=[["libtinfo6"]], shell=["bash"],
+        implicit=["mawk"],
+    )  # fmt: skip
+    # Libraries are not drawn as tools from the whole corpus.
+    assert corpus.everything == ("bash", "gawk", "mawk", "tool")
+    assert corpus.toolchains == (("libtinfo6",),)
+    for shape in WORKLOADS:
+        images = workload(corpus, 30, 5, shape)
+        assert images == workload(corpus, 30, 5, shape)
+        assert all("mawk" in image and set(image) <= set(corpus.packages) for image in images)
+    assert all("libtinfo6" in image for image in workload(corpus, 30, 5, "ci"))
+    assert all(len(image) >= 4 for image in workload(corpus, 30, 5, "huge"))
+    mixed = workload(corpus, 30, 5, "mixed")
+    assert len(set(mixed)) < len(mixed)  # popular images are pulled again
+
+
 def paths(*specs: tuple[str, int, tuple[str, ...]]) -> dict[str, StorePath]:
     return {name: StorePath(name, size, refs) for name, size, refs in specs}
 
@@ -156,6 +174,8 @@ def test_the_benchmark_prints_one_table_per_budget(
     main(["--corpus", "debian", "--corpus", "nix", "--packages-file", str(packages),
           "-k", "5", "--budget", "94", "--budget", "3"])  # fmt: skip
     out = capsys.readouterr().out
-    assert out.count("| strategy |") == 4
+    assert out.count("| strategy |") == 2 * len(WORKLOADS) * 2
+    assert out.count("### workload huge") == 2
     assert "| nixeryd (stable) |" in out
+    assert "| nixeryd (prefix) |" in out
     assert "corpus nix:testpkgs" in out

@@ -185,22 +185,25 @@ def serve(options: Any) -> None:
 
     from nixeryd.logs import start_logging
     from nixeryd.service import make_service
+    from nixeryd.systemd import Notifier
 
     cli = {key.replace("-", "_"): value for key, value in options.items()}
     config_file = cli.pop("config", None) or os.environ.get("NIXERYD_CONFIG")
+    # Taken out of the environment, which the Nix commands inherit.
+    notifier = Notifier.from_environment(os.environ)
     try:
         config = load_config(cli, os.environ, Path(config_file) if config_file else None)
         start_logging(config.log_format, level=config.log_level)
-        service = make_service(config, reactor)
+        service = make_service(config, reactor, notifier=notifier)
     except (ConfigError, ValueError) as error:
         print(f"nixeryd: configuration error: {error}", file=sys.stderr)
         sys.exit(2)
     service.startService()
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)  # type: ignore[arg-type]
     reactor.run()  # type: ignore[misc]
-    if service.storage_failure is not None:
+    if service.failure is not None:
         print(
-            f"nixeryd: storage backend did not start: {service.storage_failure.getErrorMessage()}",
+            f"nixeryd: {service.failed_step} did not start: {service.failure.getErrorMessage()}",
             file=sys.stderr,
         )
         sys.exit(1)

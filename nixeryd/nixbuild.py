@@ -302,6 +302,8 @@ class Nix:
         self._bin_dir = bin_dir
         self._env = env
         self._gc_roots = gc_roots
+        #: The roots directories of builds not yet released, for :meth:`release_all`.
+        self._live_roots: set[Path] = set()
         self._expression = expression or Path(str(files("nixeryd") / "nixexprs" / "nixeryd.nix"))
         self._evaluation_identity = _evaluation_identity(self._nixpkgs_config, self._overlays)
         self._unpinned_reuse = unpinned_reuse
@@ -510,6 +512,7 @@ class Nix:
         if self._gc_roots is not None:
             self._gc_roots.mkdir(parents=True, exist_ok=True)
             roots = Path(tempfile.mkdtemp(dir=self._gc_roots))
+            self._live_roots.add(roots)
             add_root = ["--add-root", str(roots / "result"), "--indirect"]
         seconds = str(max(1, math.ceil(self._builder_timeout)))  # Nix takes whole seconds
         limits = ["--timeout", seconds, "--max-silent-time", seconds]
@@ -527,7 +530,14 @@ class Nix:
     def release(self, roots: Path | None) -> None:
         """Drop the garbage collector roots :meth:`realise` registered."""
         if roots is not None:
+            self._live_roots.discard(roots)
             shutil.rmtree(roots, ignore_errors=True)
+
+    def release_all(self) -> None:
+        """Drop every build's roots: the daemon stops, and its builds with it (a root
+        left behind would keep their paths from the garbage collector for good)."""
+        for roots in list(self._live_roots):
+            self.release(roots)
 
     @inlineCallbacks
     def closure(self, packages: Sequence[ResolvedPackage], image: ImageTarget) -> Any:

@@ -29,6 +29,7 @@ the same :class:`ProcessRunner` interface.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import signal
@@ -38,7 +39,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail, gatherResults
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
@@ -131,13 +132,29 @@ class InteractiveProcess(Protocol):
         ...
 
 
-class _StreamingProtocol(ProcessProtocol):
+class _Child(ProcessProtocol):
+    """A command the runner started; ``exited`` fires once its process is gone, however
+    the Deferred its caller holds ended (a cancelled one fires at once)."""
+
+    def __init__(self) -> None:
+        self.exited: Deferred[None] = Deferred()
+
+    def processEnded(self, reason: Failure) -> None:
+        self.exited.callback(None)
+
+    def stop(self) -> None:
+        """End the command for a stopping daemon: kill its process tree."""
+        _kill(self.transport)
+
+
+class _StreamingProtocol(_Child):
     def __init__(
         self,
         argv: Sequence[str],
         timeout: float,
         on_stderr_line: Callable[[str], None],
     ) -> None:
+        super().__init__()
         self.argv = tuple(argv)
         self.timeout = timeout
         self.on_stderr_line = on_stderr_line
@@ -165,9 +182,17 @@ class _StreamingProtocol(ProcessProtocol):
     def kill_group(self) -> None:
         _kill(self.transport)
 
+    def stop(self) -> None:
+        # As a caller abandoning it: killed, and its caller sees a cancellation rather
+        # than a kill by SIGKILL it would log as someone else's doing.
+        self.done.cancel()
+
     def processEnded(self, reason: Failure) -> None:
+        super().processEnded(reason)
         for line in self._stderr.rest():
             self._emit(line)
+        if self.done.called:
+            return  # cancelled: its caller was told so then
         if self.timed_out:
             self.done.errback(ProcessTimedOut(self.argv, self.timeout, tuple(self._tail)))
             return
@@ -184,10 +209,11 @@ class _StreamingProtocol(ProcessProtocol):
         )
 
 
-class _InteractiveProtocol(ProcessProtocol):
+class _InteractiveProtocol(_Child):
     """An :class:`InteractiveProcess`: stdin kept open, stderr by line, stdout dropped."""
 
     def __init__(self, on_stderr_line: Callable[[str], None]) -> None:
+        super().__init__()
         self.on_stderr_line = on_stderr_line
         self._ended: Deferred[int] = Deferred()
         self._stderr = _Lines()
@@ -214,6 +240,7 @@ class _InteractiveProtocol(ProcessProtocol):
                 self.on_stderr_line(line)
 
     def processEnded(self, reason: Failure) -> None:
+        super().processEnded(reason)
         for line in self._stderr.rest():
             self.on_stderr_line(line)
         exit_code = _exit_status(reason)
@@ -322,13 +349,22 @@ class ReactorProcessRunner:
     def __init__(self, reactor: Any) -> None:
         self._reactor = reactor
         #: What is running now, so that :meth:`stop` leaves no command behind.
-        self._running: set[ProcessProtocol] = set()
+        self._running: set[_Child] = set()
+        self._stopped = False
 
-    def stop(self) -> None:
-        """Kill every command still running, with its process tree: the daemon is
-        stopping, and a build nobody waits for would still fill the Nix store."""
-        for protocol in list(self._running):
-            _kill(protocol.transport)
+    def __len__(self) -> int:
+        """How many commands run now."""
+        return len(self._running)
+
+    def stop(self) -> Deferred[Any]:
+        """Kill every command still running, with its process tree, and start no more: the
+        daemon is stopping, and a build nobody waits for would still fill the Nix store.
+        Fires once every one has exited."""
+        self._stopped = True
+        running = list(self._running)
+        for protocol in running:
+            protocol.stop()
+        return gatherResults([protocol.exited for protocol in running])
 
     def run(
         self,
@@ -338,12 +374,13 @@ class ReactorProcessRunner:
         on_stderr_line: Callable[[str], None],
         env: Mapping[str, str] | None = None,
     ) -> Deferred[ProcessResult]:
+        if self._stopped:
+            return fail(OSError(errno.ESHUTDOWN, "nixeryd is stopping"))
         protocol = _StreamingProtocol(argv, timeout, on_stderr_line)
         self._spawn(protocol, argv, env).closeStdin()
         timer = self._reactor.callLater(timeout, protocol.time_out)
 
         def cancel_timer(result: Any) -> Any:
-            self._running.discard(protocol)
             if timer.active():
                 timer.cancel()
             return result
@@ -357,19 +394,13 @@ class ReactorProcessRunner:
         on_stderr_line: Callable[[str], None],
         env: Mapping[str, str] | None = None,
     ) -> InteractiveProcess:
+        if self._stopped:
+            raise OSError(errno.ESHUTDOWN, "nixeryd is stopping")
         protocol = _InteractiveProtocol(on_stderr_line)
         self._spawn(protocol, argv, env)
-
-        def ended(status: int) -> int:
-            self._running.discard(protocol)
-            return status
-
-        protocol.ended.addCallback(ended)
         return protocol
 
-    def _spawn(
-        self, protocol: ProcessProtocol, argv: Sequence[str], env: Mapping[str, str] | None
-    ) -> Any:
+    def _spawn(self, protocol: _Child, argv: Sequence[str], env: Mapping[str, str] | None) -> Any:
         """Start ``argv`` as the leader of a new process group; its transport."""
         transport = self._reactor.spawnProcess(
             protocol,
@@ -379,4 +410,5 @@ class ReactorProcessRunner:
             childFDs={0: "w", 1: "r", 2: "r"},
         )
         self._running.add(protocol)
+        protocol.exited.addCallback(lambda _: self._running.discard(protocol))
         return transport

@@ -20,7 +20,13 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import CancelledError, Deferred, gatherResults, inlineCallbacks
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    gatherResults,
+    inlineCallbacks,
+    succeed,
+)
 from twisted.internet.defer import maybeDeferred as maybe_deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -29,6 +35,7 @@ from twisted.web.server import Request
 
 from nixeryd.answers import SERVER
 from nixeryd.errors import ShuttingDown
+from nixeryd.registry import API_VERSION
 from nixeryd.systemd import Notifier
 
 log = Logger()
@@ -56,20 +63,15 @@ class Step(Service):
     def begin(self) -> Deferred[Any]:
         """Start, firing once started (or failing with why it could not)."""
         Service.startService(self)
-        return maybe_deferred(self._start) if self._start is not None else _done()
+        return maybe_deferred(self._start) if self._start is not None else succeed(None)
 
     def startService(self) -> None:
-        self.begin()
+        """Start outside a :class:`Lifecycle`, which calls :meth:`begin` to wait for it."""
+        self.begin().addErrback(lambda f: log.failure("{step} did not start", f, step=self.name))
 
     def stopService(self) -> Deferred[Any]:
         Service.stopService(self)
-        return maybe_deferred(self._stop) if self._stop is not None else _done()
-
-
-def _done() -> Deferred[Any]:
-    done: Deferred[Any] = Deferred()
-    done.callback(None)
-    return done
+        return maybe_deferred(self._stop) if self._stop is not None else succeed(None)
 
 
 class Lifecycle(MultiService):
@@ -117,12 +119,12 @@ class Lifecycle(MultiService):
                 # Start-up may fail before the reactor runs; stopping it then would be refused.
                 self._reactor.callWhenRunning(self._reactor.stop)
                 return
-        self._starting = None
 
     def stopService(self) -> Deferred[None]:
         Service.stopService(self)
         if self._starting is not None:
-            # A step still starting (storage waiting for a bucket) is stopped with the others.
+            # A step still starting (storage waiting for a bucket) is stopped with the others;
+            # once every step has started, this does nothing.
             self._starting.cancel()
         return self._stop_steps([step for step in reversed(list(self)) if step.running])
 
@@ -155,11 +157,11 @@ class Listener:
 
     @property
     def address(self) -> str:
-        """Where it listens, as ``host:port`` (or the endpoint's description)."""
+        """Where it listens, as ``host:port`` (``[::]:8080``), or the endpoint's description."""
         host = self._port.getHost() if self._port is not None else None
         if host is None or not hasattr(host, "port"):
             return self.description
-        return f"{host.host}:{host.port}"
+        return f"[{host.host}]:{host.port}" if ":" in host.host else f"{host.host}:{host.port}"
 
     def stop(self) -> Deferred[None] | None:
         """Stop accepting connections; those open stay, for :class:`Drain` to answer."""
@@ -179,8 +181,8 @@ class Drain:
     response gets a 503 ``UNAVAILABLE`` registry error ("nixeryd is shutting
     down") and its connection closes, as does every request that arrives on
     an open connection afterwards; a response already being sent (a blob)
-    gets up to :data:`DRAIN_GRACE` seconds to finish. The work the answered
-    requests waited for is cancelled.
+    gets up to :data:`DRAIN_GRACE` seconds to finish. The builds the answered
+    requests waited for are stopped by the next steps, with the Nix commands.
     """
 
     def __init__(self, clock: Any) -> None:
@@ -192,7 +194,8 @@ class Drain:
         """A request of ``channel``: the site's request factory."""
         return DrainingRequest(channel, *args, drain=self)
 
-    def __len__(self) -> int:
+    @property
+    def in_flight(self) -> int:
         """How many requests are being answered."""
         return len(self._requests)
 
@@ -209,7 +212,7 @@ class Drain:
             request.answer_shutting_down()
         sending = [request.notifyFinish() for request in self._requests]
         if not sending:
-            return _done()
+            return succeed(None)
         log.info(
             "waiting up to {grace:g} s for {count} responses", grace=DRAIN_GRACE, count=len(sending)
         )
@@ -235,11 +238,12 @@ class DrainingRequest(Request):
         super().process()
 
     def answer_shutting_down(self) -> None:
-        """Answer 503 now, close the connection after it, and cancel the work waited for.
+        """Answer 503 now, close the connection after it, and drop the route's own answer.
 
         Those waiting for the request's end are told it ended without its own
         answer (as a lost connection tells them), which is what makes klein
-        cancel the route's Deferred, and the builds it waits for, quietly.
+        cancel the route's Deferred quietly rather than log the route's later
+        failure as unhandled.
         """
         body = json.dumps(ShuttingDown("nixeryd is shutting down; try again").as_json()).encode()
         self.setResponseCode(ShuttingDown.status)
@@ -248,7 +252,7 @@ class DrainingRequest(Request):
                 b"Content-Type": [b"application/json"],
                 b"Content-Length": [b"%d" % len(body)],
                 b"Retry-After": [b"5"],
-                b"Docker-Distribution-API-Version": [b"registry/2.0"],
+                b"Docker-Distribution-API-Version": [API_VERSION],
                 b"Server": [SERVER],
             }
         )

@@ -352,7 +352,8 @@ class ReactorProcessRunner:
         self._running: set[_Child] = set()
         self._stopped = False
 
-    def __len__(self) -> int:
+    @property
+    def running(self) -> int:
         """How many commands run now."""
         return len(self._running)
 

@@ -64,8 +64,9 @@ def make_registry(
     """The registry application, with every dependency built from ``config`` unless given.
 
     What it builds that must be started and stopped is added to ``lifecycle``
-    (:func:`make_service`'s tree), storage included; without one, starting
-    storage is the caller's (tests, which pass fakes that need nothing else).
+    (:func:`make_service`'s tree), storage included. Without one, nothing is
+    started: tests start storage themselves and pass ``run_in_thread`` (and
+    fakes for the rest), so that no thread pool waits for a start.
     Given ``run_in_thread`` (tests) runs every blocking call, layer writes
     included; otherwise short blocking calls go to a pool of threads, layer
     writes to a pool of ``layer_workers`` threads, and the compression of
@@ -228,7 +229,9 @@ def make_service(
     root = Lifecycle(reactor, notifier)
     watchdog = Watchdog(notifier, reactor)
     root.add("systemd watchdog", watchdog.start, watchdog.stop)
-    processes = overrides.pop("processes", None) or ReactorProcessRunner(reactor)
+    processes = overrides.pop("processes", None)
+    if processes is None:
+        processes = ReactorProcessRunner(reactor)
     registry = make_registry(config, reactor, lifecycle=root, processes=processes, **overrides)
     site = RegistrySite(
         registry.resource(), registry.answers, access_log=config.access_log, gate=registry.gate
@@ -247,8 +250,8 @@ def make_service(
         notifier.ready("serving on " + ", ".join(listener.address for listener in listeners))
 
     def stopping() -> None:
-        running = len(processes) if isinstance(processes, ReactorProcessRunner) else 0
-        status = f"stopping: {len(drain)} requests in flight, {running} Nix commands running"
+        running = processes.running if isinstance(processes, ReactorProcessRunner) else 0
+        status = f"stopping: {drain.in_flight} requests in flight, {running} Nix commands running"
         log.info("{status}", status=status)
         notifier.stopping(status)
 

@@ -192,12 +192,36 @@ def test_ready_comes_once_the_socket_serves_then_the_watchdog_then_stopping(
             daemon.stop()
 
 
-def test_a_socket_systemd_did_not_pass_is_a_configuration_error(tmp_path: Path) -> None:
-    daemon = Activated(tmp_path / "misnamed", "systemd:domain=INET6:name=elsewhere")
+def test_the_socket_can_be_adopted_by_index_too(tmp_path: Path) -> None:
+    daemon = Activated(tmp_path / "by-index", "systemd:domain=INET6:index=0")
+    try:
+        assert _read_answer(_send_request(daemon.port)).startswith(b"HTTP/1.1 200 OK")
+    finally:
+        assert daemon.stop() == 0
+
+
+@pytest.mark.parametrize(
+    ("listen", "said"),
+    [
+        (
+            "systemd:domain=INET6:name=elsewhere",
+            "systemd passed no such socket (sockets passed: nixeryd)",
+        ),
+        (
+            "systemd:domain=INET:name=nixeryd",
+            "systemd passed an AF_INET6 socket; write domain=INET6",
+        ),
+    ],
+    ids=["another-name", "another-family"],
+)
+def test_a_socket_systemd_did_not_pass_is_a_configuration_error(
+    tmp_path: Path, listen: str, said: str
+) -> None:
+    daemon = Activated(tmp_path / "misnamed", listen)
     with contextlib.suppress(OSError):  # the daemon exits with the connection unanswered
         _read_answer(_send_request(daemon.port))
     assert daemon.process.wait(timeout=60) == 2
-    assert "systemd passed no such socket (sockets passed: nixeryd)" in daemon.log()
+    assert said in daemon.log()
 
 
 class _Descendants:

@@ -125,13 +125,13 @@ def test_stopping_the_runner_kills_what_runs_with_its_tree(tmp_path: Any) -> Any
         on_stderr_line=lambda line: started.callback(None),
     )
     yield started
-    assert len(runner) == 1
+    assert runner.running == 1
     stopped = runner.stop()
     # Its caller is told at once, as an abandoned command's is: not "killed by SIGKILL".
     with pytest.raises(CancelledError):
         yield running
     yield stopped  # fires once the command is reaped
-    assert len(runner) == 0
+    assert runner.running == 0
     assert (yield _gone(int(pid_file.read_text()))), "the grandchild survived the stop"
     # A command asked for meanwhile (a build that waited for a Nix slot) is not started.
     with pytest.raises(OSError, match="stopping"):

@@ -168,7 +168,7 @@ def test_requests_in_flight_at_shutdown_get_a_registry_error_and_later_ones_too(
     site.requestFactory = drain.request  # type: ignore[assignment]
     channel, transport = _connect(site)
     channel.dataReceived(b"GET /v2/hello/manifests/latest HTTP/1.1\r\nHost: registry\r\n\r\n")
-    assert transport.value() == b"" and len(drain) == 1
+    assert transport.value() == b"" and drain.in_flight == 1
     stopped = drain.stop()
     assert stopped.called
     status, head, body = _answer(transport)
@@ -178,7 +178,7 @@ def test_requests_in_flight_at_shutdown_get_a_registry_error_and_later_ones_too(
     assert body["errors"][0]["code"] == "UNAVAILABLE"
     assert "shutting down" in body["errors"][0]["message"]
     assert transport.disconnecting
-    assert len(drain) == 0
+    assert drain.in_flight == 0
     # The build it waited for ends after the answer: nothing more is written.
     building.callback(None)
     assert _answer(transport)[2] == body

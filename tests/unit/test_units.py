@@ -5,9 +5,11 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+from nixeryd.config import load_config
 from tests.systemdunits import SERVICE, SOCKET, exec_start, hardening, listen_endpoint, sections
 
 
@@ -92,3 +94,22 @@ def test_memory_deny_write_execute_would_break_https_clients() -> None:
         pytest.skip("this kernel has no PR_SET_MDWE (Linux < 6.3)")
     assert run.returncode == 1
     assert "Cannot allocate write+execute memory" in run.stderr
+
+
+def test_the_example_settings_load_as_the_unit_runs_them() -> None:
+    """What the installation copies to /etc/nixeryd, with the unit's flags and variables."""
+    argv = exec_start()
+    environment = dict(value.split("=", 1) for value in sections(SERVICE)["Service"]["Environment"])
+    example = Path(__file__).resolve().parents[2] / "etc"
+    env_file = dict(
+        line.split("=", 1)
+        for line in (example / "nixeryd.env").read_text().splitlines()
+        if line and not line.startswith("#")
+    )
+    config = load_config(
+        {"listen": [argv[argv.index("--listen") + 1]]},
+        {**environment, **env_file},  # the environment file overrides Environment=
+        example / "nixeryd.toml",
+    )
+    assert config.listen == ("systemd:domain=INET6:name=nixeryd",)
+    assert config.storage_path == "/var/lib/nixeryd/storage"

@@ -344,6 +344,7 @@ def _build(reactor: Any, config: Any, options: Any, failures: list[str]) -> Any:
 
     from nixeryd.errors import RegistryError
     from nixeryd.export import Exporter, OutputFailed, parse_reference
+    from nixeryd.lifecycle import Lifecycle, StartFailed
     from nixeryd.service import make_registry
 
     # Configured storage is reused, so that a daemon on it later serves these layers
@@ -353,21 +354,24 @@ def _build(reactor: Any, config: Any, options: Any, failures: list[str]) -> Any:
         config = replace(config, storage_path=temporary)
         # After the layer writers have stopped, also when a signal ends the build.
         reactor.addSystemEventTrigger("after", "shutdown", shutil.rmtree, temporary, True)
+    lifecycle = Lifecycle(reactor)
     try:
-        registry = make_registry(config, reactor)
+        registry = make_registry(config, reactor, lifecycle=lifecycle)
     except (ConfigError, ValueError) as error:
         failures.append(f"configuration error: {error}")
         raise SystemExit(2) from error
+    # Threads, storage and Nix stop with the reactor: at the end, or when a signal ends it.
+    reactor.addSystemEventTrigger("before", "shutdown", lifecycle.stopService)
     storage = registry.storage
     exporter = Exporter(registry.images, storage, HTTPClient(Agent(reactor)), reactor)  # type: ignore[arg-type]
     name, tag = parse_reference(options["reference"])
 
     def built(_: Any) -> Any:
-        exported = exporter.export(name, tag, options["output"], options["platform"])
-        return exported.addBoth(lambda result: storage.stop().addBoth(lambda _: result))
+        return exporter.export(name, tag, options["output"], options["platform"])
 
     def not_started(failure: Any) -> None:
-        failures.append(f"storage backend did not start: {failure.getErrorMessage()}")
+        failure.trap(StartFailed)
+        failures.append(failure.getErrorMessage())
         raise SystemExit(1)
 
     def fail(failure: Any) -> None:
@@ -375,5 +379,5 @@ def _build(reactor: Any, config: Any, options: Any, failures: list[str]) -> Any:
         failures.append(failure.getErrorMessage())
         raise SystemExit(1)
 
-    exported = storage.start().addCallbacks(built, not_started)
+    exported = lifecycle.start().addCallbacks(built, not_started)
     return exported.addErrback(fail)

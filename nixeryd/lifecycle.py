@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import (
@@ -74,6 +74,15 @@ class Step(Service):
         return maybe_deferred(self._stop) if self._stop is not None else succeed(None)
 
 
+class StartFailed(Exception):
+    """A step could not start: its name, and why."""
+
+    def __init__(self, step: str, failure: Failure) -> None:
+        super().__init__(f"{step} did not start: {failure.getErrorMessage()}")
+        self.step = step
+        self.failure = failure
+
+
 class Lifecycle(MultiService):
     """Starts its :class:`Step` children one after another; stops them in reverse."""
 
@@ -92,33 +101,51 @@ class Lifecycle(MultiService):
         step.setServiceParent(self)
         return step
 
-    def startService(self) -> None:
+    def start(self) -> Deferred[None]:
+        """Start the steps in turn; fires once all have, fails with :class:`StartFailed`
+        (or CancelledError when stopped first). A one-off command waits for it."""
         # Marks this service running; the steps are started in turn by _start_steps.
         Service.startService(self)
-        self._starting = self._start_steps()
+        started: Deferred[None] = Deferred()
+        self._starting = self._start_steps(started)
+        return started
+
+    def startService(self) -> None:
+        """The daemon's start: a step that cannot start stops the reactor."""
+        self.start().addErrback(self._not_started)
+
+    def _not_started(self, failure: Failure) -> None:
+        if failure.check(CancelledError):
+            return
+        failure.trap(StartFailed)
+        failed = cast(StartFailed, failure.value)
+        log.critical(
+            "{step} did not start: {reason}",
+            step=failed.step,
+            reason=failed.failure.getErrorMessage(),
+        )
+        # Start-up may fail before the reactor runs; stopping it then would be refused.
+        self._reactor.callWhenRunning(self._reactor.stop)
 
     @inlineCallbacks
-    def _start_steps(self) -> Any:
+    def _start_steps(self, started: Deferred[None]) -> Any:
         for step in list(self):
             if not self.running:
+                started.errback(Failure(CancelledError()))
                 return
             if step.starts:
                 self._notifier.status(f"starting: {step.name}")
             try:
                 yield step.begin()
             except CancelledError:
-                return  # stopped while starting
+                started.errback(Failure(CancelledError()))  # stopped while starting
+                return
             except Exception:
                 self.failed_step, self.failure = step.name, Failure()
                 step.running = False
-                log.critical(
-                    "{step} did not start: {reason}",
-                    step=step.name,
-                    reason=self.failure.getErrorMessage(),
-                )
-                # Start-up may fail before the reactor runs; stopping it then would be refused.
-                self._reactor.callWhenRunning(self._reactor.stop)
+                started.errback(StartFailed(step.name, self.failure))
                 return
+        started.callback(None)
 
     def stopService(self) -> Deferred[None]:
         Service.stopService(self)

@@ -14,9 +14,10 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
+from twisted.trial.unittest import SynchronousTestCase
 
 from nixeryd.config import Config
-from nixeryd.lifecycle import Drain, Lifecycle
+from nixeryd.lifecycle import Drain, Lifecycle, StartFailed
 from nixeryd.plugins import Plugins, builtin_plugins, make_plugin_manager
 from nixeryd.service import make_service
 from nixeryd.site import RegistryChannel, RegistrySite
@@ -93,6 +94,15 @@ def test_a_step_that_cannot_start_stops_the_daemon_and_nothing_after_it_starts()
     root.stopService()
     # Only what started is stopped: the storage that failed and the listener are not.
     assert recorder.events == ["start threads", "stop threads"]
+
+
+def test_a_one_off_command_waits_for_the_start_and_is_told_which_step_failed() -> None:
+    reactor = FakeReactor()
+    root = Lifecycle(reactor)
+    root.add("storage backend", lambda: fail(ConnectionRefusedError("bucket unreachable")))
+    failure = SynchronousTestCase().failureResultOf(root.start(), StartFailed)
+    assert str(failure.value) == "storage backend did not start: bucket unreachable"
+    assert not reactor.stopped  # the command decides what to do
 
 
 def test_stopping_while_a_step_starts_cancels_its_start() -> None:

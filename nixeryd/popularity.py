@@ -111,7 +111,8 @@ class PopularityLoader:
 
 
 class PopularitySource:
-    """The popularity data builds use: loaded once, on first need, shared by concurrent builds.
+    """The popularity data builds use: loaded once, when the daemon starts (or on first need),
+    shared by concurrent builds.
 
     A failed load is logged and the build goes on without popularity data
     (every path then counts 1, so layering falls back to the dominator tree

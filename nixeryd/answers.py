@@ -21,6 +21,8 @@ from collections.abc import Sequence
 from twisted.web.http import RESPONSES, datetimeToString
 from twisted.web.server import Request
 
+from nixeryd.metrics import Metrics
+
 #: Sent on every response: twisted.web's default banner names its version.
 SERVER = b"nixeryd"
 
@@ -54,7 +56,10 @@ class Answers:
     header is never remembered nor answered from here.
     """
 
-    def __init__(self, common_headers: Headers, capacity: int = ANSWERS_BYTES) -> None:
+    def __init__(
+        self, common_headers: Headers, metrics: Metrics, capacity: int = ANSWERS_BYTES
+    ) -> None:
+        self._metrics = metrics
         self._common = [*common_headers, (b"Server", SERVER)]
         self._capacity = capacity
         self._size = 0
@@ -105,6 +110,7 @@ class Answers:
         entry = self._lookup(request.path, _accept(request))
         if entry is None or (entry.code != 200 and request.method == b"HEAD"):
             return None
+        self._metrics.cache("answers", hit=True)
         request.setResponseCode(entry.code)
         return render(request, entry.headers, entry.body)
 
@@ -120,6 +126,7 @@ class Answers:
         entry = self._lookup(path, tuple(accept))
         if entry is None or (entry.code != 200 and method == b"HEAD"):
             return None
+        self._metrics.cache("answers", hit=True)
         now = int(time.time())
         if now != self._date_second:
             # Formatted once a second rather than per response.

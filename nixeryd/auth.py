@@ -155,6 +155,12 @@ class Gate:
             return False
         return identity.may_pull(repository) and (not identity.anonymous or self.policy == "builds")
 
+    def subject_of(self, authorization: bytes) -> str | None:
+        """Who the lately verified ``authorization`` belongs to, for the access log of an
+        answer written from memory; None for an anonymous token or one not verified."""
+        identity = self._remembered(authorization)
+        return None if identity is None else identity.subject
+
     def _remembered(self, authorization: bytes) -> Identity | None:
         key = hashlib.sha256(authorization).digest()
         verified = self._verified.get(key)

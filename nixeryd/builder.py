@@ -50,6 +50,7 @@ from nixeryd.errors import (
     BuildFailed,
     BuildTimedOut,
     ImageTooLarge,
+    ManifestUnknown,
     RegistryError,
     TooManyRequests,
     first_failure,
@@ -60,6 +61,7 @@ from nixeryd.layering import Layer, LayeringStrategy
 from nixeryd.layerstore import LayerStore
 from nixeryd.manifest import LayerDescriptor
 from nixeryd.manifeststore import LOCAL_MANIFEST_CACHE_SIZE, ManifestStore
+from nixeryd.metrics import Metrics
 from nixeryd.nixbuild import Nix, ResolvedPackage
 from nixeryd.popularity import Popularity, PopularitySource
 from nixeryd.runtime import ThreadRunner
@@ -109,12 +111,14 @@ class ImageBuilder:
         build_timeout: float = 3600.0,
         max_closure_bytes: int = 0,
         max_layer_bytes: int = 0,
+        metrics: Metrics,
     ) -> None:
         """``failure_ttl`` is how long a moving source's failed image is answered from
         memory (0: never); ``build_timeout`` bounds one image's evaluation, build and
         layers. ``max_closure_bytes`` and ``max_layer_bytes`` (0: no limit) bound the
         NAR bytes of the image's closure and of each layer, checked before any layer
-        is written, so that no storage goes to an image that is refused."""
+        is written, so that no storage goes to an image that is refused. What becomes
+        of each image that reaches Nix, and each stage's time, is counted in ``metrics``."""
         self._nix = nix
         self._source = source
         self._layering = layering
@@ -133,6 +137,7 @@ class ImageBuilder:
         self._build_timeout = build_timeout
         self._max_closure_bytes = max_closure_bytes
         self._max_layer_bytes = max_layer_bytes
+        self._metrics = metrics
         #: (kind, image, tag or pin, ...) -> (until when, the error answered); oldest first.
         self._failures: OrderedDict[tuple[str, ...], tuple[float, RegistryError]] = OrderedDict()
 
@@ -147,19 +152,24 @@ class ImageBuilder:
         pin_key = None
         if source.pin is not None:
             pin_key = self._manifest_key("pin", image.canonical, source.pin, popularity)
-            cached = yield self._manifests.cached(pin_key, image.platform)
+            cached = yield self._manifests.cached(
+                pin_key, image.platform, image=image.canonical, tag=tag, kind="pin"
+            )
             if cached is not None:
                 return replace(cached, pinned=source.pin == tag)
         failure_key = self._failure_key(image, tag, source)
         remembered = self._failures.get(failure_key)
         if remembered is not None and remembered[0] > self._clock.seconds():
             self._failures.move_to_end(failure_key)
+            self._metrics.cache("failure", hit=True)
             raise remembered[1]
         try:
             built = yield self._bounded(self._built(image, tag, source, popularity), image)
         except TooManyRequests:
+            self._metrics.build("refused")
             raise  # not the image's failure: the next pull may be admitted
         except RegistryError as error:
+            self._metrics.build(_result(error))
             self._record_error(image, tag, error)
             # Nix's verdict on the source is remembered; a timeout, or a 5xx (storage
             # failing: the registry's own trouble), may pass, so is not.
@@ -167,7 +177,9 @@ class ImageBuilder:
                 self._remember_failure(failure_key, source, error)
             raise
         if pin_key is not None:
-            yield self._manifests.remember(pin_key, built)
+            yield self._manifests.remember(
+                pin_key, built, image=image.canonical, tag=tag, kind="pin"
+            )
             return replace(built, pinned=source.pin == tag)
         return built
 
@@ -230,15 +242,22 @@ class ImageBuilder:
         self, image: ImageTarget, tag: str, source: SourceRef, popularity: Popularity
     ) -> Any:
         """The image evaluated from ``source``, built unless its outputs were built before."""
+        evaluating = self._clock.seconds()
         packages: list[ResolvedPackage] = yield self._nix.resolve(source, image)
+        self._metrics.stage("evaluation", self._clock.seconds() - evaluating)
         outputs = sorted(package.out_path for package in packages)
         eval_key = self._manifest_key("eval", image.canonical, "\n".join(outputs), popularity)
-        built = yield self._manifests.cached(eval_key, image.platform)
+        built = yield self._manifests.cached(
+            eval_key, image.platform, image=image.canonical, tag=tag, kind="eval"
+        )
         if built is None:
             started = self._clock.seconds()
             built = yield self._build(image, packages, popularity)
-            yield self._manifests.remember(eval_key, built)
+            yield self._manifests.remember(
+                eval_key, built, image=image.canonical, tag=tag, kind="eval"
+            )
             seconds = self._clock.seconds() - started
+            self._metrics.build("built")
             self.log.info(
                 "built {image}:{tag} in {seconds:.1f}s",
                 image=image.canonical,
@@ -275,6 +294,7 @@ class ImageBuilder:
             nonlocal mark
             now = self._clock.seconds()
             timings[step] = now - mark
+            self._metrics.stage(step, now - mark)
             mark = now
 
         gc_roots = yield self._nix.realise(packages, image)
@@ -348,6 +368,19 @@ class ImageBuilder:
                 f"{len(placed)} paths for a closure of {len(closure.paths)} paths and a budget "
                 f"of {self._budget - 1}; this is a bug in the strategy"
             )
+
+
+def _result(error: RegistryError) -> str:
+    """What became of an image that failed with ``error``, as :mod:`nixeryd.metrics`
+    counts it: packages not in the package set, Nix's failure, a timeout, a size
+    limit, or the registry's own trouble (a 5xx: storage failing)."""
+    if isinstance(error, ManifestUnknown):
+        return "not_found"
+    if isinstance(error, BuildTimedOut):
+        return "timed_out"
+    if isinstance(error, ImageTooLarge):
+        return "too_large"
+    return "failed" if error.status < 500 else "error"
 
 
 def _mib(size: int) -> str:

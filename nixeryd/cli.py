@@ -1,6 +1,7 @@
 """The ``nixeryd`` command: ``nixeryd serve`` runs the daemon; ``nixeryd popcount``
 computes popularity data for it (see :mod:`nixeryd.popcount`); ``nixeryd build``
-builds one image into files, without a registry (see :mod:`nixeryd.export`).
+builds one image into files, without a registry (see :mod:`nixeryd.export`);
+``nixeryd gc`` removes what no kept image needs from storage (see :mod:`nixeryd.gc`).
 
 Options come from :data:`nixeryd.config.OPTIONS`, so every option is a flag,
 an environment variable (Nixery's names) and a config-file key alike.
@@ -146,12 +147,72 @@ class BuildOptions(usage.Options):
             raise usage.UsageError(str(error)) from error
 
 
+#: The gc_* options ``nixeryd gc`` takes as flags; it has flags of its own for the others.
+GC_CONFIG_OPTIONS = ("gc_roots",)
+
+
+class GcOptions(usage.Options):
+    """``nixeryd gc``: remove the records and blobs no kept image needs, and stale Nix GC roots.
+
+    Takes every option of ``nixeryd serve`` (so the same config file and environment
+    select the same storage and platforms), and its own below, which override the
+    configuration's ``gc_max_age``, ``gc_grace`` and add to its ``gc_keep``.
+    """
+
+    synopsis = (
+        "nixeryd gc [--max-age AGE] [--keep FILE]... [--keep-image NAME[:TAG]]... "
+        "[--grace AGE] [--dry-run] [serve's options]"
+    )
+    optParameters: ClassVar[list[list[Any]]] = [
+        ["max-age", None, None, "remove image records not written or used for this long "
+         "(0, 90s, 36h, 7d), unless kept (default: gc_max_age, else never by age)"],
+        ["grace", None, None, "keep everything younger than this, and remove a blob only "
+         "once it was unreferenced this long: longer than a build may take (default: "
+         "gc_grace, else 1h)"],
+        ["config", "c", None, "TOML config file (also $NIXERYD_CONFIG)"],
+        *[
+            [option.name.replace("_", "-"), None, None, option.help]
+            for option in OPTIONS
+            if option.name in GC_CONFIG_OPTIONS or not option.name.startswith("gc_")
+        ],
+    ]  # fmt: skip
+    optFlags: ClassVar[list[list[Any]]] = [
+        ["dry-run", "n", "say what would be removed; remove nothing"],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["keep"] = []
+        self["keep-image"] = []
+
+    def opt_keep(self, path: str) -> None:
+        """a file of images to keep whatever their age, one NAME[:TAG] a line as pulled
+        (shell/hello, git:main); # starts a comment (repeatable)"""
+        self["keep"].append(path)
+
+    def opt_keep_image(self, name: str) -> None:
+        """an image to keep whatever its age, NAME[:TAG] as pulled; without a tag, every
+        tag's newest image (repeatable)"""
+        self["keep-image"].append(name)
+
+    def postOptions(self) -> None:
+        from nixeryd.config import parse_age
+
+        for key in ("max-age", "grace"):
+            if self[key] is not None:
+                try:
+                    self[key] = parse_age(self[key])
+                except ValueError as error:
+                    raise usage.UsageError(f"--{key}: {error}") from None
+
+
 class Options(usage.Options):
     synopsis = "nixeryd <command> [options]"
     subCommands: ClassVar[list[list[Any]]] = [
         ["serve", None, ServeOptions, "Run the registry"],
         ["popcount", None, PopcountOptions, "Compute popularity data (NIX_POPULARITY_URL)"],
         ["build", None, BuildOptions, "Build one image into an OCI layout or a docker-archive"],
+        ["gc", None, GcOptions, "Remove what no kept image needs from storage"],
     ]
 
     def opt_version(self) -> None:
@@ -161,7 +222,7 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         if self.subCommand is None:
-            raise usage.UsageError("name a command: serve, popcount, build")
+            raise usage.UsageError("name a command: serve, popcount, build, gc")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -175,6 +236,8 @@ def main(argv: list[str] | None = None) -> None:
         popcount(options.subOptions)
     elif options.subCommand == "build":
         build(options.subOptions)
+    elif options.subCommand == "gc":
+        gc(options.subOptions)
     else:
         serve(options.subOptions)
 
@@ -381,3 +444,46 @@ def _build(reactor: Any, config: Any, options: Any, failures: list[str]) -> Any:
 
     exported = lifecycle.start().addCallbacks(built, not_started)
     return exported.addErrback(fail)
+
+
+def gc(options: Any) -> None:
+    """Read the configuration and the keep-list, run one collection, print its summary;
+    exit 2 for a configuration or keep-list mistake, 1 if storage failed."""
+    from twisted.internet import task
+
+    from nixeryd.gc import KeepListError, policy_for
+    from nixeryd.logs import start_logging
+
+    own = {"max-age", "grace", "dry-run", "keep", "keep-image"}
+    cli = {key.replace("-", "_"): value for key, value in options.items() if key not in own}
+    config_file = cli.pop("config", None) or os.environ.get("NIXERYD_CONFIG")
+    try:
+        config = load_config(cli, os.environ, Path(config_file) if config_file else None)
+        policy = policy_for(
+            config,
+            max_age=options["max-age"],
+            grace=options["grace"],
+            keep_files=options["keep"],
+            keep_images=options["keep-image"],
+        )
+    except (ConfigError, KeepListError, ValueError, OSError) as error:
+        print(f"nixeryd gc: {error}", file=sys.stderr)
+        sys.exit(2)
+    start_logging(config.log_format, level=config.log_level, stream=sys.stderr)
+    task.react(lambda reactor: _gc(reactor, config, policy, bool(options["dry-run"])))
+
+
+def _gc(reactor: Any, config: Any, policy: Any, dry_run: bool) -> Any:
+    from twisted.internet.defer import Deferred
+
+    from nixeryd.gc import collect
+
+    def report(done: Any) -> None:
+        print(f"nixeryd gc: {done.summary()}")
+
+    def fail(failure: Any) -> None:
+        print(f"nixeryd gc: {failure.getErrorMessage()}", file=sys.stderr)
+        raise SystemExit(1)
+
+    running = Deferred.fromCoroutine(collect(config, reactor, policy, dry_run=dry_run))
+    return running.addCallbacks(report, fail)

@@ -8,6 +8,7 @@ and names the key and the source in every error.
 
 from __future__ import annotations
 
+import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from typing import Any
 from twisted.logger import Logger
 
 from nixeryd.compression import COMPRESSORS, Compression, default_compressor
+from nixeryd.gcroots import default_gc_roots
 from nixeryd.layering import DEFAULT_LAYER_BUDGET
 from nixeryd.platform import Platform, host_platform, parse_platforms
 
@@ -70,10 +72,25 @@ class Config:
     #: Platforms every image is built for (an index lists them); the first is the default.
     platforms: tuple[Platform, ...] = field(default_factory=lambda: (host_platform(),))
     nix_bin_dir: str | None = None
+    #: Where each daemon keeps its builds' Nix GC roots; None: :meth:`gc_roots_dir`'s default.
+    gc_roots: str | None = None
+    #: Seconds between the daemon's garbage collection runs (:mod:`nixeryd.gc`); 0: none.
+    gc_interval: float = 0.0
+    #: Seconds after which an image record not used goes, unless kept; None: never by age.
+    gc_max_age: float | None = None
+    #: Seconds within which nothing goes, and for which a blob must be unreferenced to go.
+    gc_grace: float = 3600.0
+    #: A file of images kept whatever their age (``nixeryd gc --keep``), read at each run.
+    gc_keep: str | None = None
     log_format: str = "text"
     log_level: str = "info"
-    #: Log a line per request (twisted.web's combined log format).
+    #: Log a line per request (:mod:`nixeryd.accesslog`), in ``log_format``.
     access_log: bool = True
+    #: Serve Prometheus metrics at /metrics (:mod:`nixeryd.metrics`).
+    metrics: bool = True
+    #: Endpoints serving /metrics alone, without authentication; empty: /metrics is on
+    #: the registry's own listeners, behind its authentication policy.
+    metrics_listen: tuple[str, ...] = ()
     layer_compressor: str = field(default_factory=default_compressor)
     #: None: the compressor's default level.
     layer_compression_level: int | None = None
@@ -107,6 +124,14 @@ class Config:
         default = COMPRESSORS[self.layer_compressor].default
         level = default if self.layer_compression_level is None else self.layer_compression_level
         return Compression(self.layer_compressor, level)
+
+    @property
+    def gc_roots_dir(self) -> Path:
+        """The directory of Nix GC roots (:mod:`nixeryd.gcroots`): ``gc_roots``, else
+        ``$STATE_DIRECTORY/gcroots`` under systemd, else ``<tmp>/nixeryd-gcroots``."""
+        if self.gc_roots:
+            return Path(self.gc_roots)
+        return default_gc_roots(self.environment)
 
     @property
     def nixpkgs_config(self) -> dict[str, Any] | None:
@@ -149,6 +174,26 @@ def _non_negative_float(text: str) -> float:
     if value < 0:
         raise ValueError("must be 0 or more")
     return value
+
+
+_AGE_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_AGE_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_age(text: str) -> float:
+    """Seconds of an age such as ``0``, ``90s``, ``36h``, ``7d`` or ``1h30m`` (Go's units,
+    and ``d`` for days); ValueError saying what is expected otherwise."""
+    text = text.strip()
+    try:
+        seconds = float(text)
+    except ValueError:
+        parts = _AGE_PART.findall(text)
+        if not parts or "".join(number + unit for number, unit in parts) != text:
+            raise ValueError(f"{text!r} is not a duration such as 0, 90s, 36h or 7d") from None
+        seconds = sum(float(number) * _AGE_UNITS[unit] for number, unit in parts)
+    if seconds < 0:
+        raise ValueError(f"{text!r}: a duration cannot be negative")
+    return seconds
 
 
 def _budget(text: str) -> int:
@@ -330,6 +375,42 @@ OPTIONS: tuple[Option, ...] = (
         ("NIXERYD_NIX_BIN_DIR",),
     ),
     Option(
+        "gc_roots",
+        "directory where each daemon keeps the Nix GC roots of its builds in progress; a "
+        "stopped daemon's are removed at start and by nixeryd gc (default: "
+        "$STATE_DIRECTORY/gcroots under systemd, else <tmp>/nixeryd-gcroots)",
+        ("NIXERYD_GC_ROOTS",),
+    ),
+    Option(
+        "gc_interval",
+        "run garbage collection of storage in the daemon this often (0, 6h, 1d; see "
+        "docs/gc.md), with the gc_* options below; run it in one daemon per storage "
+        "(default: 0, never: run nixeryd gc from a timer instead)",
+        ("NIXERYD_GC_INTERVAL",),
+        parse_age,
+    ),
+    Option(
+        "gc_max_age",
+        "garbage collection (nixeryd gc --max-age and gc_interval): image records not "
+        "written or used for this long go, unless kept (default: never by age)",
+        ("NIXERYD_GC_MAX_AGE",),
+        parse_age,
+    ),
+    Option(
+        "gc_grace",
+        "garbage collection (nixeryd gc --grace and gc_interval): nothing younger than this "
+        "goes, and a blob goes only once unreferenced this long; longer than a build may "
+        "take (default: 1h)",
+        ("NIXERYD_GC_GRACE",),
+        parse_age,
+    ),
+    Option(
+        "gc_keep",
+        "garbage collection (nixeryd gc --keep and gc_interval): a file of images kept "
+        "whatever their age, one NAME[:TAG] a line, as pulled",
+        ("NIXERYD_GC_KEEP",),
+    ),
+    Option(
         "nixpkgs_config_file",
         "a Nix file of nixpkgs configuration (config.nix), passed to the package set; the "
         "allow_* options below are laid over it (default: nixpkgs reads its own)",
@@ -390,9 +471,24 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "access_log",
-        "log a line per request: true or false (false triples the rate of cached answers)",
+        "log a line per request, in log_format: true or false (false raises the rate of "
+        "cached answers by about a tenth)",
         ("NIXERYD_ACCESS_LOG",),
         parse_boolean,
+    ),
+    Option(
+        "metrics",
+        "serve Prometheus metrics at /metrics: true or false",
+        ("NIXERYD_METRICS",),
+        parse_boolean,
+    ),
+    Option(
+        "metrics_listen",
+        "comma-separated Twisted endpoints serving /metrics alone, without authentication, "
+        "such as tcp:9090:interface=127.0.0.1 (default: /metrics on the registry's listeners, "
+        "behind its authentication)",
+        ("NIXERYD_METRICS_LISTEN",),
+        _names,
     ),
     Option(
         "layer_compressor",
@@ -462,6 +558,11 @@ def load_config(
     _choose_package_source(values, origins)
     config = Config(**values, environment=dict(environ), origins=dict(origins))
     _check_compression(config, origins)
+    if config.metrics_listen and not config.metrics:
+        raise ConfigError(
+            f"metrics_listen (from {origins['metrics_listen']}) is set but metrics "
+            f"(from {origins['metrics']}) is false: set one or the other"
+        )
     return config
 
 

@@ -33,13 +33,14 @@ from __future__ import annotations
 import secrets
 from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredLock, inlineCallbacks
 from twisted.logger import Logger
 
+from nixeryd.metrics import Metrics
 from nixeryd.process import (
     STDERR_TAIL_LINES,
     InteractiveProcess,
@@ -89,6 +90,8 @@ class Repl:
     limits: EvaluatorLimits
     env: dict[str, str] | None = None
     read_memory: MemoryReader = resident_memory
+    #: Where evaluations answered by a running repl (and those that start one) are counted.
+    metrics: Metrics = field(default_factory=Metrics)
 
 
 class _Request:
@@ -207,6 +210,7 @@ class Evaluator:
                 "{name}: evaluator older than {age:g} s", name=self._name, age=self._max_age
             )
             self.stop()
+        self._repl.metrics.cache("evaluator", hit=self._process is not None)
         process = self._process or self._start()
         self._requests += 1
         request = _Request(self._token, self._requests, on_line, self._kill_current, process)

@@ -65,3 +65,12 @@ def nixeryd_image_built(image: str, tag: str, digest: str, seconds: float) -> No
     """An image was built (not served from cache): ``image`` is the canonical name
     (``linux/amd64:bashInteractive/hello``), ``digest`` its Docker manifest digest.
     For metrics, audit logs or warming other caches."""
+
+
+@hookspec
+def nixeryd_gc_finished(
+    result: str, blobs_deleted: int, bytes_deleted: int, seconds: float
+) -> None:
+    """A garbage collection run (:mod:`nixeryd.gc`) ended: ``result`` is ``completed``,
+    ``dry_run`` or ``failed`` (then the counts are 0). For a "GC runs by result"
+    counter or an audit log."""

@@ -3,7 +3,8 @@
 A layer's record (``builds/<key>.<compression>``) maps the key of its
 contents to the blob's descriptor, so that images sharing a layer share its
 blob, across builds, restarts and instances on one bucket. Concurrent builds
-that want one layer wait for one write.
+that want one layer wait for one write. A build reusing a layer writes its
+record again, which garbage collection reads as "in use" (:mod:`nixeryd.gc`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from nixeryd.compression import Compression
 from nixeryd.forest import symlink_forest
 from nixeryd.layering import Layer
 from nixeryd.manifest import LayerDescriptor, layer_media_type
+from nixeryd.metrics import Metrics
 from nixeryd.runtime import ThreadRunner
 from nixeryd.singleflight import SingleFlight
 from nixeryd.storage import Storage
@@ -39,9 +41,11 @@ class LayerStore:
         storage: Storage,
         compression: Compression,
         write_in_thread: ThreadRunner,
+        metrics: Metrics,
         compress_pool: Executor | None = None,
     ) -> None:
         self._storage = storage
+        self._metrics = metrics
         self._compression = compression
         #: The layers' compressor and level: part of every key of what they make up.
         self.compression = compression
@@ -83,9 +87,14 @@ class LayerStore:
         record_name = f"builds/{key}.{self._compression.key}"
         record = yield self._storage.get_record(record_name)
         if record is not None:
+            # Written again first, so that its time tells garbage collection that a build
+            # is about to name its blob (see nixeryd.gc), then the blob is checked.
+            yield self._storage.put_record(record_name, record)
             cached = LayerDescriptor(**json.loads(record))
             if (yield self._storage.stat_blob(cached.digest)) is not None:
+                self._metrics.cache("layer_record", hit=True)
                 return cached
+        self._metrics.cache("layer_record", hit=False)
         staged = self._storage.stage_blob()
         try:
             digests: LayerDigests = yield self._write_in_thread(lambda: write(staged.file))
@@ -94,5 +103,6 @@ class LayerStore:
             raise
         info = yield staged.commit(digests.digest, layer_media_type(self._compression.format))
         descriptor = LayerDescriptor(digest=info.digest, size=info.size, diff_id=digests.diff_id)
+        self._metrics.layer_written(self._compression.compressor, info.size)
         yield self._storage.put_record(record_name, json.dumps(descriptor.__dict__).encode())
         return descriptor

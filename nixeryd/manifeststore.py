@@ -8,6 +8,13 @@ over several platforms are recorded under ``indexes/<key>``, which also keeps
 their blobs from garbage collection. Recently used ones are kept in memory in
 front of storage.
 
+An image record also says which image and tag it was written for, and how it is
+keyed (``pin`` or ``eval``; see :class:`ImageRecord`), so that ``nixeryd gc``
+can keep the images an operator names. Its time in storage says when it was
+last used: a daemon writes it again when it loads it from storage and, while it
+serves the image from memory, every :data:`RECORD_REFRESH_INTERVAL` seconds
+(see :mod:`nixeryd.gc`).
+
 Never a manifest whose blobs are gone. A manifest record read from storage
 is answered only once its config and layer blobs are found there (one
 ``stat_blob`` each, once per record and process: the cheapest rule that
@@ -24,8 +31,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 from twisted.internet.defer import inlineCallbacks
@@ -43,11 +52,52 @@ from nixeryd.manifest import (
     image_manifest,
     index_forms_for,
 )
+from nixeryd.metrics import Metrics
 from nixeryd.platform import Platform
 from nixeryd.storage import Storage
 
 #: Images and indexes kept in memory, in front of storage.
 LOCAL_MANIFEST_CACHE_SIZE = 1024
+
+#: Seconds between rewrites of the record of an image served from memory, which tell
+#: garbage collection it is in use; ``nixeryd gc --max-age`` must be longer.
+RECORD_REFRESH_INTERVAL = 3600.0
+
+#: Keys of an image record that are not forms of manifest.
+_RECORD_FIELDS = ("image", "tag", "kind")
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """What ``manifests/<key>`` holds: ``{form: digest}`` of the image's manifests, and
+    the image (its canonical name), tag and kind of key it was written for. Records
+    written before nixeryd kept the last three have None there."""
+
+    manifests: Mapping[str, str]
+    image: str | None = None
+    tag: str | None = None
+    kind: str | None = None
+
+    def encode(self) -> bytes:
+        fields = {"image": self.image, "tag": self.tag, "kind": self.kind}
+        return json.dumps(
+            {**self.manifests, **{k: v for k, v in fields.items() if v is not None}}
+        ).encode()
+
+    @classmethod
+    def decode(cls, data: bytes) -> ImageRecord:
+        """Parse a record; ValueError if it is not one."""
+        document = json.loads(data)
+        if not isinstance(document, dict) or not all(
+            isinstance(value, str) for value in document.values()
+        ):
+            raise ValueError("an image record is an object of strings")
+        return cls(
+            {form: digest for form, digest in document.items() if form not in _RECORD_FIELDS},
+            document.get("image"),
+            document.get("tag"),
+            document.get("kind"),
+        )
 
 
 class ManifestStore:
@@ -55,10 +105,20 @@ class ManifestStore:
 
     log = Logger()
 
-    def __init__(self, storage: Storage, compression: Compression) -> None:
+    def __init__(
+        self,
+        storage: Storage,
+        compression: Compression,
+        metrics: Metrics,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._storage = storage
+        self._metrics = metrics
         self._compression = compression
+        self._clock = clock
         self._local: OrderedDict[str, BuiltImage] = OrderedDict()
+        #: Key of an image in memory -> its record, and when this process last wrote it.
+        self._records: dict[str, tuple[ImageRecord, float]] = {}
         self._indexes: OrderedDict[tuple[str, ...], Mapping[str, StoredManifest]] = OrderedDict()
         #: Blob digest -> the keys of the images in memory whose manifests name it.
         self._naming: dict[str, set[str]] = {}
@@ -81,19 +141,31 @@ class ManifestStore:
         return BuiltImage(platform, manifests)
 
     @inlineCallbacks
-    def cached(self, key: str, platform: Platform) -> Any:
-        """The image recorded under ``key`` (a :class:`BuiltImage`), or None."""
+    def cached(self, key: str, platform: Platform, *, image: str, tag: str, kind: str) -> Any:
+        """The image recorded under ``key`` (a :class:`BuiltImage`), or None. ``image``,
+        ``tag`` and ``kind`` are what it is looked up for: a record written before records
+        said so is given them when it is refreshed; one that says so keeps its own."""
         if key in self._local:
             self._local.move_to_end(key)
+            self._metrics.cache("manifests", hit=True)
+            record, written = self._records[key]
+            if self._clock() - written >= RECORD_REFRESH_INTERVAL:
+                self._refresh(key, record)
             return self._local[key]
-        record = yield self._storage.get_record(f"manifests/{key}")
-        if record is None:
+        self._metrics.cache("manifests", hit=False)
+        data = yield self._storage.get_record(f"manifests/{key}")
+        if data is None:
+            self._metrics.cache("manifest_record", hit=False)
             return None
+        record = ImageRecord.decode(data)
+        if record.image is None:
+            record = replace(record, image=image, tag=tag, kind=kind)
         manifests = {}
         forms = forms_for(self._compression.format)
-        for form, digest in json.loads(record).items():
+        for form, digest in record.manifests.items():
             blob = yield self._storage.read_blob(digest)
             if blob is None or form not in forms:
+                self._metrics.cache("manifest_record", hit=False)
                 return None
             manifests[form] = StoredManifest(forms[form][0], digest, blob.data)
         for digest in _blobs_named(manifests.values()):
@@ -103,10 +175,27 @@ class ManifestStore:
                     key=key,
                     digest=digest,
                 )
+                self._metrics.cache("manifest_record", hit=False)
                 return None
+        self._metrics.cache("manifest_record", hit=True)
         built = BuiltImage(platform, manifests)
-        self._keep_local(key, built)
+        self._keep_local(key, built, record)
+        self._refresh(key, record)
         return built
+
+    def _refresh(self, key: str, record: ImageRecord) -> None:
+        """Write an image record again, so that its time says the image is in use; a
+        failure is logged, not the pull's: the record is still there."""
+        self._records[key] = (record, self._clock())
+
+        def failed(failure: Any) -> None:
+            self.log.warn(
+                "could not refresh image record {key}: {reason}",
+                key=key,
+                reason=failure.getErrorMessage(),
+            )
+
+        self._storage.put_record(f"manifests/{key}", record.encode()).addErrback(failed)
 
     def forget_blob(self, digest: str) -> bool:
         """Drop the images (and their indexes) naming ``digest`` from memory, so that
@@ -124,11 +213,18 @@ class ManifestStore:
         return bool(keys)
 
     @inlineCallbacks
-    def remember(self, key: str, built: BuiltImage) -> Any:
-        """Record ``built`` under ``key``, for :meth:`cached` here and on other instances."""
-        record = {form: manifest.digest for form, manifest in built.manifests.items()}
-        yield self._storage.put_record(f"manifests/{key}", json.dumps(record).encode())
-        self._keep_local(key, built)
+    def remember(self, key: str, built: BuiltImage, *, image: str, tag: str, kind: str) -> Any:
+        """Record ``built`` under ``key``, for :meth:`cached` here and on other instances;
+        ``image`` (canonical), ``tag`` and ``kind`` are what it was built for."""
+        record = ImageRecord(
+            {form: manifest.digest for form, manifest in built.manifests.items()},
+            image,
+            tag,
+            kind,
+        )
+        yield self._storage.put_record(f"manifests/{key}", record.encode())
+        self._records[key] = (record, self._clock())
+        self._keep_local(key, built, record)
 
     @inlineCallbacks
     def indexes(self, images: Sequence[BuiltImage]) -> Any:
@@ -159,17 +255,19 @@ class ManifestStore:
             self._indexes.popitem(last=False)
         return indexes
 
-    def _keep_local(self, key: str, built: BuiltImage) -> None:
+    def _keep_local(self, key: str, built: BuiltImage, record: ImageRecord) -> None:
         previous = self._local.pop(key, None)
         if previous is not None:
             self._unname(key, previous)
         self._local[key] = built
+        self._records.setdefault(key, (record, self._clock()))
         for digest in _blobs_named(built.manifests.values()):
             self._naming.setdefault(digest, set()).add(key)
         while len(self._local) > LOCAL_MANIFEST_CACHE_SIZE:
             self._unname(*self._local.popitem(last=False))
 
     def _unname(self, key: str, built: BuiltImage) -> None:
+        self._records.pop(key, None)
         for digest in _blobs_named(built.manifests.values()):
             keys = self._naming.get(digest)
             if keys is not None:

@@ -28,7 +28,6 @@ import math
 import re
 import shutil
 import signal
-import tempfile
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ from twisted.logger import Logger
 from nixeryd.closure import ClosureGraph
 from nixeryd.errors import BuildFailed, BuildTimedOut, ManifestUnknown
 from nixeryd.evaluator import EvaluatorPool
+from nixeryd.gcroots import ProcessRoots
 from nixeryd.imagename import ImageTarget
 from nixeryd.nixslots import NixSlots
 from nixeryd.process import ProcessResult, ProcessRunner, ProcessTimedOut
@@ -271,7 +271,7 @@ class Nix:
         bin_dir: str | None = None,
         env: Mapping[str, str] | None = None,
         expression: Path | None = None,
-        gc_roots: Path | None = None,
+        gc_roots: ProcessRoots | None = None,
         nixpkgs_config: Mapping[str, Any] | None = None,
         overlays: Sequence[str] = (),
         evaluators: EvaluatorPool | None = None,
@@ -302,8 +302,6 @@ class Nix:
         self._bin_dir = bin_dir
         self._env = env
         self._gc_roots = gc_roots
-        #: The roots directories of builds not yet released, for :meth:`release_all`.
-        self._live_roots: set[Path] = set()
         self._expression = expression or Path(str(files("nixeryd") / "nixexprs" / "nixeryd.nix"))
         self._evaluation_identity = _evaluation_identity(self._nixpkgs_config, self._overlays)
         self._unpinned_reuse = unpinned_reuse
@@ -502,7 +500,8 @@ class Nix:
         """Build (or substitute) the packages' derivations.
 
         With ``gc_roots`` set, the outputs are registered as temporary garbage
-        collector roots in a directory of this build's own, which fires the
+        collector roots in a directory of this build's own (under this process's,
+        see :mod:`nixeryd.gcroots`), which fires the
         Deferred; pass it to :meth:`release` once the layers are written, so a
         ``nix-collect-garbage`` meanwhile cannot delete the paths being archived.
         """
@@ -510,9 +509,7 @@ class Nix:
         roots = None
         add_root = []
         if self._gc_roots is not None:
-            self._gc_roots.mkdir(parents=True, exist_ok=True)
-            roots = Path(tempfile.mkdtemp(dir=self._gc_roots))
-            self._live_roots.add(roots)
+            roots = self._gc_roots.build_dir()
             add_root = ["--add-root", str(roots / "result"), "--indirect"]
         seconds = str(max(1, math.ceil(self._builder_timeout)))  # Nix takes whole seconds
         limits = ["--timeout", seconds, "--max-silent-time", seconds]
@@ -530,14 +527,7 @@ class Nix:
     def release(self, roots: Path | None) -> None:
         """Drop the garbage collector roots :meth:`realise` registered."""
         if roots is not None:
-            self._live_roots.discard(roots)
             shutil.rmtree(roots, ignore_errors=True)
-
-    def release_all(self) -> None:
-        """Drop every build's roots: the daemon stops, and its builds with it (a root
-        left behind would keep their paths from the garbage collector for good)."""
-        for roots in list(self._live_roots):
-            self.release(roots)
 
     @inlineCallbacks
     def closure(self, packages: Sequence[ResolvedPackage], image: ImageTarget) -> Any:

@@ -81,6 +81,26 @@ class Plugins:
                     error=error,
                 )
 
+    def gc_finished(
+        self, result: str, blobs_deleted: int, bytes_deleted: int, seconds: float
+    ) -> None:
+        """Tell every plugin a garbage collection run ended; one that raises is logged."""
+        for implementation in self._hook.nixeryd_gc_finished.get_hookimpls():
+            try:
+                implementation.function(
+                    result=result,
+                    blobs_deleted=blobs_deleted,
+                    bytes_deleted=bytes_deleted,
+                    seconds=seconds,
+                )
+            except Exception as error:
+                _log.error(
+                    "plugin {plugin} failed on nixeryd_gc_finished: {error_type}: {error}",
+                    plugin=implementation.plugin_name,
+                    error_type=type(error).__name__,
+                    error=error,
+                )
+
 
 def _choose(kind: str, name: str, answers: Sequence[Sequence[Provider[T]]]) -> Provider[T]:
     """The provider called ``name``. An unknown name is a start-up error listing the

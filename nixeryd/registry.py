@@ -42,6 +42,7 @@ from nixeryd.fanout import PlatformFanOut
 from nixeryd.imagename import ImageName, is_valid_tag, parse_image_name
 from nixeryd.images import StoredManifest
 from nixeryd.manifest import MANIFEST_MEDIA_TYPES, OCI_INDEX, choose
+from nixeryd.metrics import Metrics
 from nixeryd.sources import PackageSource
 from nixeryd.storage import SMALL_BLOB_SIZE, BlobInfo, Redirect, Storage
 
@@ -83,17 +84,24 @@ class RegistryApp:
         builder: ImageBuilder,
         storage: Storage,
         source: PackageSource,
+        metrics: Metrics,
         gate: Gate | None = None,
+        *,
+        metrics_page: IResource | None = None,
     ) -> None:
-        """``gate`` is the site's authentication policy; None: no authentication."""
+        """``gate`` is the site's authentication policy; None: no authentication.
+        ``metrics_page`` is served at ``/metrics``; None: not here (another listener
+        serves it, or nothing does)."""
         self._images = images
+        self.metrics = metrics
+        self._metrics_page = metrics_page
         self._gate = gate
         #: Names (and tags) known to be built, under the ``builds`` policy (see _may_build).
         self._built_names: OrderedDict[str, None] = OrderedDict()
         self._builder = builder
         self._storage = storage
         self._source = source
-        self._answers = Answers([(b"Docker-Distribution-API-Version", API_VERSION)])
+        self._answers = Answers([(b"Docker-Distribution-API-Version", API_VERSION)], metrics)
         self._blob_infos: OrderedDict[str, BlobInfo] = OrderedDict()
 
     @property
@@ -146,6 +154,13 @@ class RegistryApp:
             return b"no such recent build error; the index page lists the ones kept\n"
         request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
         return f"{error.image}:{error.tag}\n\n{error.log}".encode()
+
+    @app.route("/metrics", methods=["GET", "HEAD"])
+    def metrics_page(self, request: Request) -> Any:
+        """Prometheus metrics (:mod:`nixeryd.metrics`), behind the site's authentication."""
+        if self._metrics_page is None:
+            return _not_an_endpoint(request)
+        return self._metrics_page
 
     @app.route("/v2/", methods=["GET", "HEAD"])
     @app.route("/v2", methods=["GET", "HEAD"])

@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import os
 import socket
-import tempfile
+import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from treq.client import HTTPClient
 from twisted.internet.defer import Deferred
@@ -28,15 +27,20 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.resource import IResource
 
+from nixeryd.accesslog import AccessLog
 from nixeryd.auth import Gate
 from nixeryd.builder import ImageBuilder
 from nixeryd.config import Config, ConfigError
 from nixeryd.evaluator import EvaluatorLimits, EvaluatorPool, Repl
 from nixeryd.fanout import PlatformFanOut
+from nixeryd.gc import GcReport, PeriodicCollection, telling
+from nixeryd.gcroots import ProcessRoots, remove_stale_roots
 from nixeryd.layerstore import LayerStore
 from nixeryd.lifecycle import Drain, Lifecycle, Listener
 from nixeryd.manifeststore import ManifestStore
+from nixeryd.metrics import MeasuredStorage, Metrics, MetricsPage, MetricsSite
 from nixeryd.nixbuild import Nix, repl_argv
 from nixeryd.nixslots import NixSlots
 from nixeryd.plugins import Plugins, make_plugin_manager
@@ -60,13 +64,15 @@ def make_registry(
     http: Any = None,
     processes: ProcessRunner | None = None,
     run_in_thread: Callable[[Callable[[], Any]], Deferred[Any]] | None = None,
+    metrics: Metrics | None = None,
 ) -> RegistryApp:
     """The registry application, with every dependency built from ``config`` unless given.
 
+    Every stage counts what it does in ``metrics`` (a new set when not given).
+
     What it builds that must be started and stopped is added to ``lifecycle``
-    (:func:`make_service`'s tree), storage included. Without one, nothing is
-    started: tests start storage themselves and pass ``run_in_thread`` (and
-    fakes for the rest), so that no thread pool waits for a start.
+    (:func:`make_service`'s tree), storage included; without one, starting
+    storage is the caller's (tests, which pass fakes that need nothing else).
     Given ``run_in_thread`` (tests) runs every blocking call, layer writes
     included; otherwise short blocking calls go to a pool of threads, layer
     writes to a pool of ``layer_workers`` threads, and the compression of
@@ -97,7 +103,12 @@ def make_registry(
         processes=processes,
         run_in_thread=run_in_thread,
     )
-    storage = plugins.storage_backend(config.storage_backend).create_with(runtime)
+    metrics = metrics or Metrics()
+    storage = MeasuredStorage(
+        plugins.storage_backend(config.storage_backend).create_with(runtime),
+        config.storage_backend,
+        metrics,
+    )
     if lifecycle is not None:
         lifecycle.add("storage backend", storage.start, storage.stop)
     source = plugins.package_source(config.package_source).create_with(runtime)
@@ -120,22 +131,31 @@ def make_registry(
             idle=config.evaluator_idle,
             request_timeout=config.build_timeout,
         )
-        evaluators = EvaluatorPool(Repl(processes, reactor, repl_argv(config.nix_bin_dir), limits))
+        repl = Repl(processes, reactor, repl_argv(config.nix_bin_dir), limits, metrics=metrics)
+        evaluators = EvaluatorPool(repl)
+    # One Nix command per core, by the layer writers' rule: more would only interleave.
+    slots = NixSlots(layer_pool_size(config.nix_jobs), config.nix_queue)
+    metrics.watch_nix(lambda: slots.running, lambda: slots.waiting)
+    gc_roots = ProcessRoots(config.gc_roots_dir)
     nix = Nix(
         processes,
         builder_timeout=config.nix_timeout,
         step_timeout=config.build_timeout,
         bin_dir=config.nix_bin_dir,
-        gc_roots=Path(tempfile.gettempdir()) / "nixeryd-gcroots",
+        gc_roots=gc_roots,
         nixpkgs_config=config.nixpkgs_config,
         overlays=config.nixpkgs_overlays,
         evaluators=evaluators,
         unpinned_reuse=config.evaluator_unpinned_ttl,
-        # One Nix command per core, by the layer writers' rule: more would only interleave.
-        slots=NixSlots(layer_pool_size(config.nix_jobs), config.nix_queue),
+        slots=slots,
     )
-    # Stopped in the reverse order: Nix killed with its builders, then their roots dropped.
-    steps.add("Nix garbage collector roots", stop=nix.release_all)
+    # Roots a killed daemon left would keep its store paths from Nix's GC for good; this
+    # daemon's own are dropped once the steps after this one have stopped its Nix.
+    steps.add(
+        "Nix garbage collector roots",
+        lambda: remove_stale_roots(config.gc_roots_dir),
+        gc_roots.drop,
+    )
     if isinstance(processes, ReactorProcessRunner):
         # Builds, closure queries and evaluators alike: none outlives the daemon.
         runner = processes
@@ -144,7 +164,7 @@ def make_registry(
         steps.add("Nix evaluators", stop=evaluators.stop)
     popularity = PopularitySource(PopularityLoader(runtime.http), config.popularity_url)
     steps.add("popularity data", popularity.start, popularity.stop)
-    manifests = ManifestStore(storage, config.compression)
+    manifests = ManifestStore(storage, config.compression, metrics)
     builder = ImageBuilder(
         nix=nix,
         source=source,
@@ -152,7 +172,7 @@ def make_registry(
         layering_name=config.layering_strategy,
         layer_budget=config.layer_budget,
         popularity=popularity,
-        layers=LayerStore(storage, config.compression, write_in_thread, compress_pool),
+        layers=LayerStore(storage, config.compression, write_in_thread, metrics, compress_pool),
         manifests=manifests,
         run_in_thread=run_in_thread,
         clock=reactor,
@@ -161,6 +181,7 @@ def make_registry(
         build_timeout=config.build_timeout,
         max_closure_bytes=config.max_closure_size * 1024 * 1024,
         max_layer_bytes=config.max_layer_size * 1024 * 1024,
+        metrics=metrics,
     )
     images = PlatformFanOut(builder.image, manifests, config.platforms, reactor)
     log.info(
@@ -173,7 +194,10 @@ def make_registry(
         budget=config.layer_budget,
         compression=config.compression.key,
     )
-    return RegistryApp(images, builder, storage, source, gate)
+    page = None
+    if config.metrics and not config.metrics_listen:
+        page = cast(IResource, MetricsPage(metrics))
+    return RegistryApp(images, builder, storage, source, metrics, gate, metrics_page=page)
 
 
 #: Threads for short blocking calls (file I/O, hashing, a blocking library): the
@@ -224,17 +248,33 @@ def make_service(
     config: Config, reactor: Any, *, notifier: Notifier | None = None, **overrides: Any
 ) -> Lifecycle:
     """The daemon's service tree: threads, storage, Nix, then one listener per configured
-    endpoint, then ``READY=1`` to ``notifier`` (systemd) and its watchdog."""
+    endpoint (and per ``metrics_listen`` endpoint), the periodic garbage collection when
+    ``gc_interval`` is set, and ``READY=1`` to ``notifier`` (systemd) and its watchdog.
+    The access log goes to standard output, where :func:`nixeryd.logs.start_logging`
+    sends the rest of the log."""
     notifier = notifier or Notifier(None)
     root = Lifecycle(reactor, notifier)
     watchdog = Watchdog(notifier, reactor)
     root.add("systemd watchdog", watchdog.start, watchdog.stop)
+    metrics = Metrics()
+    plugins = overrides.pop("plugins", None) or Plugins(make_plugin_manager())
     processes = overrides.pop("processes", None)
     if processes is None:
         processes = ReactorProcessRunner(reactor)
-    registry = make_registry(config, reactor, lifecycle=root, processes=processes, **overrides)
+    registry = make_registry(
+        config,
+        reactor,
+        lifecycle=root,
+        metrics=metrics,
+        plugins=plugins,
+        processes=processes,
+        **overrides,
+    )
+    access_log = None
+    if config.access_log:
+        access_log = AccessLog(sys.stdout, config.log_format, reactor)
     site = RegistrySite(
-        registry.resource(), registry.answers, access_log=config.access_log, gate=registry.gate
+        registry.resource(), registry.answers, metrics, access_log=access_log, gate=registry.gate
     )
     drain = Drain(reactor)
     site.requestFactory = drain.request  # type: ignore[assignment]
@@ -243,8 +283,23 @@ def make_service(
         Listener(description, _endpoint(description, reactor), site)
         for description in config.listen
     ]
+    if config.metrics_listen:
+        scrapes = MetricsSite(metrics)
+        listeners += [
+            Listener(description, _endpoint(description, reactor), scrapes)
+            for description in config.metrics_listen
+        ]
     for listener in listeners:
         root.add(f"listener {listener.description}", listener.start, listener.stop)
+    if config.gc_interval > 0:
+        tell = telling(plugins)
+
+        def finished(result: str, report: GcReport | None) -> None:
+            metrics.gc_run(result)
+            tell(result, report)
+
+        collection = PeriodicCollection(config, registry.storage, reactor, finished)
+        root.add("periodic garbage collection", collection.startService, collection.stopService)
 
     def ready() -> None:
         notifier.ready("serving on " + ", ".join(listener.address for listener in listeners))

@@ -46,6 +46,12 @@ what garbage collection walks:
 ``indexes/<key>``
     ``{form: digest}`` of the image indexes over several platforms.
 
+Times. Listings say when each blob and record was last written
+(:attr:`BlobInfo.modified`, :attr:`RecordInfo.modified`: seconds since the
+epoch, by the storage's clock), so that garbage collection (:mod:`nixeryd.gc`)
+can spare what a build in progress has just written. Writing a record again
+refreshes its time; committing a blob that is already stored need not.
+
 Who serves which request. The registry answers a blob's HEAD itself, from
 :meth:`Storage.stat_blob` (RFC 9110 defines Range for GET only, and a
 presigned URL is signed for one method). It answers a GET of a blob of at
@@ -66,7 +72,7 @@ Deferreds fire on the reactor thread. The one exception is
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import IO, Protocol, TypeAlias
 
 from twisted.internet.defer import Deferred
@@ -107,6 +113,17 @@ class BlobInfo:
     digest: str
     size: int
     media_type: str
+    #: When the blob was written (seconds since the epoch): set by :meth:`Storage.list_blobs`,
+    #: None elsewhere. Not part of a blob's identity, so it takes no part in comparisons.
+    modified: float | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True)
+class RecordInfo:
+    """A record's name and when it was last written (seconds since the epoch)."""
+
+    name: str
+    modified: float
 
 
 @dataclass(frozen=True)
@@ -196,7 +213,8 @@ class Storage(Protocol):
         ...
 
     def list_blobs(self) -> Deferred[list[BlobInfo]]:
-        """Every stored blob, in no particular order (for garbage collection)."""
+        """Every stored blob with its ``modified`` time, in no particular order (for
+        garbage collection)."""
         ...
 
     def delete_blob(self, digest: str) -> Deferred[None]:
@@ -211,8 +229,9 @@ class Storage(Protocol):
         """Write a record atomically (readers see the old or the new version, never a part)."""
         ...
 
-    def list_records(self, prefix: str) -> Deferred[list[str]]:
-        """The names of the records under ``prefix`` (``"builds/"``; ``""`` for all)."""
+    def list_records(self, prefix: str) -> Deferred[list[RecordInfo]]:
+        """The records under ``prefix`` (``"builds/"``; ``""`` for all), sorted by name,
+        each with when it was last written."""
         ...
 
     def delete_record(self, name: str) -> Deferred[None]:

@@ -67,7 +67,9 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
+from stat import S_ISREG
 from typing import IO, Any, TypeVar
 
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
@@ -80,7 +82,15 @@ from nixeryd.errors import DigestInvalid, RegistryError, storage_failure
 from nixeryd.hookspecs import hookimpl
 from nixeryd.runtime import Provider, ThreadRunner
 from nixeryd.singleflight import SingleFlight
-from nixeryd.storage import Blob, BlobAnswer, BlobInfo, Storage, digest_hex, record_parts
+from nixeryd.storage import (
+    Blob,
+    BlobAnswer,
+    BlobInfo,
+    RecordInfo,
+    Storage,
+    digest_hex,
+    record_parts,
+)
 
 NAME = "filesystem"
 
@@ -334,12 +344,15 @@ class FilesystemStorage:
 
     def list_blobs(self) -> Deferred[list[BlobInfo]]:
         def work() -> list[BlobInfo]:
-            infos = (
-                self._blob_info(entry.name)
-                for entry in os.scandir(self._blobs)
-                if len(entry.name) == 64 and "." not in entry.name
-            )
-            return [info for info in infos if info is not None]
+            found = []
+            for entry in os.scandir(self._blobs):
+                if len(entry.name) != 64 or "." in entry.name:
+                    continue
+                info = self._blob_info(entry.name)
+                with contextlib.suppress(FileNotFoundError):  # deleted meanwhile
+                    if info is not None:
+                        found.append(replace(info, modified=entry.stat().st_mtime))
+            return found
 
         return self._io(work, "listing blobs")
 
@@ -444,14 +457,18 @@ class FilesystemStorage:
 
         return self._io(work, f"writing record {name}")
 
-    def list_records(self, prefix: str) -> Deferred[list[str]]:
-        def work() -> list[str]:
-            names = (
-                path.relative_to(self._records).as_posix()
-                for path in self._records.rglob("*")
-                if path.is_file()
-            )
-            return sorted(name for name in names if name.startswith(prefix))
+    def list_records(self, prefix: str) -> Deferred[list[RecordInfo]]:
+        def work() -> list[RecordInfo]:
+            found = []
+            for path in self._records.rglob("*"):
+                name = path.relative_to(self._records).as_posix()
+                if not name.startswith(prefix):
+                    continue
+                with contextlib.suppress(FileNotFoundError):  # deleted meanwhile
+                    stat = path.stat()
+                    if S_ISREG(stat.st_mode):
+                        found.append(RecordInfo(name, stat.st_mtime))
+            return sorted(found, key=lambda record: record.name)
 
         return self._io(work, "listing records")
 

@@ -29,6 +29,7 @@ single byte Range, one network buffer in memory at a time.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import hashlib
 import json
 import os
@@ -63,7 +64,16 @@ from nixeryd.hookspecs import hookimpl
 from nixeryd.runtime import Provider, Runtime, ThreadRunner
 from nixeryd.settings import Setting, parse_boolean, parse_duration
 from nixeryd.singleflight import SingleFlight
-from nixeryd.storage import Blob, BlobAnswer, BlobInfo, Redirect, Storage, digest_hex, record_parts
+from nixeryd.storage import (
+    Blob,
+    BlobAnswer,
+    BlobInfo,
+    RecordInfo,
+    Redirect,
+    Storage,
+    digest_hex,
+    record_parts,
+)
 
 NAME = "gcs"
 DEFAULT_ENDPOINT = "https://storage.googleapis.com"
@@ -289,7 +299,8 @@ class GcsStorage:
             with contextlib.suppress(DigestInvalid):  # not ours: ignored
                 digest_hex(digest)
                 size = int(item["size"])
-                found.append(BlobInfo(digest, size, _media_type(item.get("contentType"))))
+                media_type = _media_type(item.get("contentType"))
+                found.append(BlobInfo(digest, size, media_type, modified=_updated(item)))
         return found
 
     def delete_blob(self, digest: str) -> Deferred[None]:
@@ -328,12 +339,16 @@ class GcsStorage:
         upload = self._upload(key, data, "application/octet-stream", create_only=False)
         return Deferred.fromCoroutine(upload)
 
-    def list_records(self, prefix: str) -> Deferred[list[str]]:
+    def list_records(self, prefix: str) -> Deferred[list[RecordInfo]]:
         return Deferred.fromCoroutine(self._list_records(prefix))
 
-    async def _list_records(self, prefix: str) -> list[str]:
+    async def _list_records(self, prefix: str) -> list[RecordInfo]:
         records = self._prefix + "records/"
-        return sorted(item["name"][len(records) :] for item in await self._list(records + prefix))
+        found = [
+            RecordInfo(item["name"][len(records) :], _updated(item))
+            for item in await self._list(records + prefix)
+        ]
+        return sorted(found, key=lambda record: record.name)
 
     def delete_record(self, name: str) -> Deferred[None]:
         try:
@@ -353,7 +368,7 @@ class GcsStorage:
     async def _list(self, prefix: str) -> list[dict[str, Any]]:
         """Every object under ``prefix``, page after page."""
         items: list[dict[str, Any]] = []
-        params = {"prefix": prefix, "fields": "items(name,size,contentType),nextPageToken"}
+        params = {"prefix": prefix, "fields": "items(name,size,contentType,updated),nextPageToken"}
         while True:
             response = await self._call("GET", f"{self._bucket_url}/o", params=params)
             listing = json.loads(await self._expect(response, 200))
@@ -516,6 +531,15 @@ class GcsStorage:
 def _media_type(content_type: str | None) -> str:
     """A media type from an object's contentType (which GCS always sets)."""
     return content_type or "application/octet-stream"
+
+
+def _updated(item: dict[str, Any]) -> float:
+    """Seconds since the epoch of an object's ``updated`` (RFC 3339); +inf if missing or
+    unreadable, so that an object of unknown age counts as new and is left alone."""
+    try:
+        return datetime.datetime.fromisoformat(item["updated"].replace("Z", "+00:00")).timestamp()
+    except (KeyError, AttributeError, ValueError):
+        return float("inf")
 
 
 class GcsStagedBlob:

@@ -57,7 +57,7 @@ import os
 import tempfile
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import IO, Any
 from urllib.parse import quote, urlencode, urlsplit
@@ -103,6 +103,7 @@ from nixeryd.storage import (
     Blob,
     BlobAnswer,
     BlobInfo,
+    RecordInfo,
     Redirect,
     Storage,
     digest_hex,
@@ -393,9 +394,10 @@ class _FileSlice:
         self._file.close()
 
 
-def _initiated(text: str | None) -> float:
-    """Seconds since the epoch of an ISO 8601 ``Initiated`` time; +inf if unreadable, so
-    that an upload of unknown age is left alone."""
+def _iso_time(text: str | None) -> float:
+    """Seconds since the epoch of an ISO 8601 time (an upload's ``Initiated``, an object's
+    ``LastModified``); +inf if unreadable, so that an upload or object of unknown age
+    counts as new and is left alone."""
     try:
         return datetime.datetime.fromisoformat((text or "").replace("Z", "+00:00")).timestamp()
     except ValueError:
@@ -652,7 +654,7 @@ class S3Storage:
         stale = [
             (_text(upload, "Key") or "", _text(upload, "UploadId") or "")
             for upload in _children(root, "Upload")
-            if _initiated(_text(upload, "Initiated")) < cutoff
+            if _iso_time(_text(upload, "Initiated")) < cutoff
         ]
         for key, upload_id in stale:
             if key.startswith(prefix) and upload_id:
@@ -779,19 +781,23 @@ class S3Storage:
     @inlineCallbacks
     def _list_blobs(self) -> Any:
         start = self._blob_key("")
-        keys: list[str] = yield self._list(start)
-        hexes = [key[len(start) :] for key in keys]
+        listed: list[tuple[str, float]] = yield self._list(start)
+        modified = {key[len(start) :]: when for key, when in listed}
         heads = DeferredSemaphore(_LIST_HEADS)
         # A listing carries no content type: HEAD each blob, a few at a time.
         infos = yield gatherResults(
             [
                 heads.run(self._stat, hex_digest)
-                for hex_digest in hexes
+                for hex_digest in modified
                 if len(hex_digest) == 64 and all(c in "0123456789abcdef" for c in hex_digest)
             ],
             consumeErrors=True,
         )
-        return [info for info in infos if info is not None]
+        return [
+            replace(info, modified=modified[digest_hex(info.digest)])
+            for info in infos
+            if info is not None
+        ]
 
     def delete_blob(self, digest: str) -> Deferred[None]:
         try:
@@ -807,8 +813,8 @@ class S3Storage:
 
     @inlineCallbacks
     def _list(self, prefix: str) -> Any:
-        """Every key under ``prefix`` (ListObjectsV2, page by page)."""
-        keys: list[str] = []
+        """Every key under ``prefix`` with its ``LastModified`` (ListObjectsV2, page by page)."""
+        keys: list[tuple[str, float]] = []
         token: str | None = None
         while True:
             query = [("list-type", "2"), ("prefix", prefix)]
@@ -816,7 +822,10 @@ class S3Storage:
                 query.append(("continuation-token", token))
             answer = yield self._answered("ListObjectsV2", "GET", "", (200,), query=query)
             root = _parse(answer.body, f"listing {prefix}")
-            keys += [_text(item, "Key") or "" for item in _children(root, "Contents")]
+            keys += [
+                (_text(item, "Key") or "", _iso_time(_text(item, "LastModified")))
+                for item in _children(root, "Contents")
+            ]
             token = _text(root, "NextContinuationToken")
             if _text(root, "IsTruncated") != "true" or not token:
                 return keys
@@ -963,11 +972,15 @@ class S3Storage:
         if answer.status != 200:
             raise self._refused("PUT", key, answer)
 
-    def list_records(self, prefix: str) -> Deferred[list[str]]:
+    def list_records(self, prefix: str) -> Deferred[list[RecordInfo]]:
         start = f"{self._prefix}records/"
 
-        def names(keys: list[str]) -> list[str]:
-            return sorted(key[len(start) :] for key in keys if _is_record(key[len(start) :]))
+        def names(keys: list[tuple[str, float]]) -> list[RecordInfo]:
+            found = [RecordInfo(key[len(start) :], when) for key, when in keys]
+            return sorted(
+                (record for record in found if _is_record(record.name)),
+                key=lambda record: record.name,
+            )
 
         return self._logged(self._list(start + prefix)).addCallback(names)
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from typing import Any, ClassVar
 
 import pytest
@@ -34,12 +35,13 @@ import pytest_twisted
 import treq
 from twisted.internet import reactor as _reactor
 from twisted.internet.defer import Deferred, DeferredList, gatherResults
+from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Site
 
 from nixeryd.errors import DigestInvalid
-from nixeryd.storage import Blob, BlobInfo, Redirect, StagedBlob, Storage
+from nixeryd.storage import Blob, BlobInfo, RecordInfo, Redirect, StagedBlob, Storage
 
 __all__ = ["StorageConformance"]
 
@@ -61,6 +63,10 @@ BAD_DIGESTS = (
 )
 #: Record names no backend may accept.
 BAD_RECORD_NAMES = ("../escape", "builds/../../x", "a//b", "/absolute", "", "builds/", "a b")
+
+
+#: Seconds a listing's times may differ from this machine's clock (a server's own clock).
+CLOCK_SLACK = 60.0
 
 
 def _digest(data: bytes) -> str:
@@ -237,6 +243,19 @@ class StorageConformance:
             infos, key=lambda info: info.digest
         )
 
+    @pytest_twisted.ensureDeferred
+    async def test_listed_blobs_say_when_they_were_written(self, storage: Storage) -> None:
+        """Garbage collection spares blobs younger than its grace period by these times."""
+        before = time.time()
+        small = await storage.put_blob(b"a config", CONFIG)
+        large = await self._staged(storage, os.urandom(70_000))
+        after = time.time()
+        listed = {info.digest: info.modified for info in await storage.list_blobs()}
+        assert set(listed) == {small.digest, large.digest}
+        for modified in listed.values():
+            assert modified is not None
+            assert before - CLOCK_SLACK <= modified <= after + CLOCK_SLACK
+
     # Records
 
     @pytest_twisted.ensureDeferred
@@ -251,13 +270,28 @@ class StorageConformance:
     async def test_records_are_listed_by_prefix_and_deleted(self, storage: Storage) -> None:
         names = ["builds/a.gzip-6", "builds/b.zstd-3", "manifests/m1", "indexes/i1"]
         await gatherResults([storage.put_record(name, name.encode()) for name in names])
-        assert sorted(await storage.list_records("")) == sorted(names)
-        assert sorted(await storage.list_records("builds/")) == names[:2]
+        assert _names(await storage.list_records("")) == sorted(names)
+        assert _names(await storage.list_records("builds/")) == names[:2]
         assert await storage.list_records("nothing/") == []
         await storage.delete_record("builds/a.gzip-6")
         await storage.delete_record("builds/a.gzip-6")  # absent: not an error
         assert await storage.get_record("builds/a.gzip-6") is None
-        assert sorted(await storage.list_records("builds/")) == ["builds/b.zstd-3"]
+        assert _names(await storage.list_records("builds/")) == ["builds/b.zstd-3"]
+
+    @pytest_twisted.ensureDeferred
+    async def test_listed_records_say_when_they_were_last_written(self, storage: Storage) -> None:
+        """Writing a record again refreshes its time: a builder reusing a layer record
+        keeps it from garbage collection so."""
+        before = time.time()
+        await storage.put_record("builds/t.gzip-6", b"first")
+        [first] = await storage.list_records("builds/")
+        assert first.name == "builds/t.gzip-6"
+        assert before - CLOCK_SLACK <= first.modified <= time.time() + CLOCK_SLACK
+        # Object stores keep times to the second (S3's LastModified, some servers').
+        await deferLater(reactor, 1.1, lambda: None)
+        await storage.put_record("builds/t.gzip-6", b"second")
+        [second] = await storage.list_records("builds/")
+        assert second.modified > first.modified
 
     @pytest_twisted.ensureDeferred
     async def test_a_record_name_that_is_a_prefix_of_others_is_absent(
@@ -280,7 +314,7 @@ class StorageConformance:
         info = await storage.put_blob(b"a blob", CONFIG)
         await storage.put_record("builds/x", b"a record")
         assert await storage.list_blobs() == [info]
-        assert await storage.list_records("") == ["builds/x"]
+        assert _names(await storage.list_records("")) == ["builds/x"]
 
     @pytest_twisted.ensureDeferred
     async def test_many_concurrent_calls(self, storage: Storage) -> None:
@@ -295,6 +329,13 @@ class StorageConformance:
         assert all(ok for ok, _ in results)
         assert [blob.data for _, blob in results[:20]] == datas
         assert [info for _, info in results[20:]] == infos
+
+
+def _names(records: list[RecordInfo]) -> list[str]:
+    """The names of listed records, checking that they came sorted by name."""
+    names = [record.name for record in records]
+    assert names == sorted(names)
+    return names
 
 
 def _write(staged: StagedBlob, data: bytes) -> None:

@@ -116,6 +116,8 @@ class Harness(MemoryHTTP):
         self.daemon_clock = Clock()
         # A nix-instantiate per image: the evaluators have tests of their own.
         options.setdefault("evaluators", 0)
+        # Not the machine's shared roots directory, which the registry sweeps at start.
+        options.setdefault("gc_roots", str(tmp_path / "gcroots"))
         config = Config(
             pkgs_path=str(tmp_path),
             storage_path=str(tmp_path / "storage"),

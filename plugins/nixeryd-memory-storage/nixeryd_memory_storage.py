@@ -25,8 +25,9 @@ import errno
 import hashlib
 import io
 import re
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import IO
 
 from twisted.internet.defer import Deferred, fail, succeed
@@ -41,6 +42,7 @@ from nixeryd.plugin import (
     DigestInvalid,
     Provider,
     RangeNotSatisfiable,
+    RecordInfo,
     Runtime,
     Setting,
     Storage,
@@ -87,6 +89,7 @@ def _sha256_hex(data: bytes) -> str:
 class _Stored:
     info: BlobInfo
     data: bytes
+    modified: float
 
 
 class MemoryStorage:
@@ -96,13 +99,22 @@ class MemoryStorage:
     a test may pass ``maybeDeferred`` to hash inline). ``max_size`` bounds
     what is kept: a write past it fails with ``ENOSPC``, as a full disk
     fails the filesystem backend, and the image being built fails with it.
+    ``clock`` gives the times listings report (a test may move it).
     """
 
-    def __init__(self, *, run_in_thread: ThreadRunner, max_size: int = 0) -> None:
+    def __init__(
+        self,
+        *,
+        run_in_thread: ThreadRunner,
+        max_size: int = 0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self._run = run_in_thread
         self._max_size = max_size
+        self._clock = clock
         self._blobs: dict[str, _Stored] = {}
-        self._records: dict[str, bytes] = {}
+        #: Record name -> its bytes and when they were written.
+        self._records: dict[str, tuple[bytes, float]] = {}
         self._size = 0
 
     def start(self) -> Deferred[None]:
@@ -141,7 +153,9 @@ class MemoryStorage:
         return IResource(_MemoryBlobResource(lambda: self._blobs.get(hex_digest), info))
 
     def list_blobs(self) -> Deferred[list[BlobInfo]]:
-        return succeed([stored.info for stored in self._blobs.values()])
+        return succeed(
+            [replace(stored.info, modified=stored.modified) for stored in self._blobs.values()]
+        )
 
     def delete_blob(self, digest: str) -> Deferred[None]:
         try:
@@ -159,7 +173,7 @@ class MemoryStorage:
             return existing.info
         self._reserve(len(data))
         info = BlobInfo(f"sha256:{hex_digest}", len(data), media_type)
-        self._blobs[hex_digest] = _Stored(info, data)
+        self._blobs[hex_digest] = _Stored(info, data, self._clock())
         return info
 
     def _reserve(self, size: int) -> None:
@@ -178,27 +192,34 @@ class MemoryStorage:
             record_parts(name)
         except ValueError:
             return fail()
-        return succeed(self._records.get(name))
+        stored = self._records.get(name)
+        return succeed(stored[0] if stored is not None else None)
 
     def put_record(self, name: str, data: bytes) -> Deferred[None]:
         try:
             record_parts(name)
-            old = self._records.get(name, b"")
+            old, _ = self._records.get(name, (b"", 0.0))
             self._reserve(len(data) - len(old))
         except (ValueError, OSError):
             return fail()
-        self._records[name] = data
+        self._records[name] = (data, self._clock())
         return succeed(None)
 
-    def list_records(self, prefix: str) -> Deferred[list[str]]:
-        return succeed(sorted(name for name in self._records if name.startswith(prefix)))
+    def list_records(self, prefix: str) -> Deferred[list[RecordInfo]]:
+        return succeed(
+            [
+                RecordInfo(name, modified)
+                for name, (_, modified) in sorted(self._records.items())
+                if name.startswith(prefix)
+            ]
+        )
 
     def delete_record(self, name: str) -> Deferred[None]:
         try:
             record_parts(name)
         except ValueError:
             return fail()
-        self._size -= len(self._records.pop(name, b""))
+        self._size -= len(self._records.pop(name, (b"", 0.0))[0])
         return succeed(None)
 
 

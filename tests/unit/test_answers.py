@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from nixeryd.answers import Answers
+from nixeryd.metrics import Metrics
 from nixeryd.testing.harness import FakeNix, RegistryFactory, building, header
 
 
@@ -76,7 +77,7 @@ def test_a_redirect_is_answered_for_gets_until_it_goes_stale(
 ) -> None:
     now = [1000.0]
     monkeypatch.setattr(time, "time", lambda: now[0])
-    answers = Answers([(b"Docker-Distribution-API-Version", b"registry/2.0")])
+    answers = Answers([(b"Docker-Distribution-API-Version", b"registry/2.0")], Metrics())
     path = b"/v2/hello/blobs/sha256:" + b"a" * 64
     location = [(b"Location", b"https://bucket.example/blob?X-Amz-Signature=1")]
     answers.remember(_Request(path), location, b"", by_accept=False, code=307, until=1150.0)  # type: ignore[arg-type]

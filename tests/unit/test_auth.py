@@ -16,8 +16,10 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
+from nixeryd.accesslog import AccessLog
 from nixeryd.config import ConfigError
 from nixeryd.site import RegistryChannel, RegistrySite
 from nixeryd.testing.harness import FakeNix, Harness, RegistryFactory, building, header
@@ -105,16 +107,17 @@ def test_htpasswd_refuses_hashes_other_than_bcrypt_at_start(
 class Server:
     """The site with its channel fast path, over a harness's registry."""
 
-    def __init__(self, registry: Harness) -> None:
+    def __init__(self, registry: Harness, log_format: str = "text") -> None:
+        self.log = io.StringIO()
+        self.access_log = AccessLog(self.log, log_format, Clock())
         self.site = RegistrySite(
             registry.registry.resource(),
             registry.registry.answers,
-            access_log=True,
+            registry.registry.metrics,
+            access_log=self.access_log,
             gate=registry.registry.gate,
         )
-        self.log = io.StringIO()
         self.site.startFactory()
-        self.site._logFile = self.log
         self.requests = 0
         factory = self.site.requestFactory
 
@@ -199,6 +202,7 @@ def test_credentials_are_never_logged(
     for credentials in (basic(), basic(password="wrong"), f"Bearer {token}", "Bearer nonsense"):
         server.exchange("/v2/hello/manifests/latest", "Authorization: " + credentials)
     server.exchange(f"/v2/hello/manifests/latest?password={PASSWORD}")
+    server.access_log.flush()
     logged = server.log.getvalue() + "".join(capsys.readouterr())
     assert logged.count("\n") >= 6
     for secret in (PASSWORD, encoded, token, "nonsense"):
@@ -384,3 +388,69 @@ def test_a_short_signing_key_is_refused_at_start(
     options = {"token": {"htpasswd": str(htpasswd), "key": "short"}}
     with pytest.raises(ConfigError, match=r"key\) = \(secret\): must be at least 32 bytes"):
         registry_with(auth="token", plugin_options=options)
+
+
+def test_the_json_access_log_names_the_user_and_never_the_credentials(
+    registry_with: RegistryFactory, nix: FakeNix, htpasswd: Path
+) -> None:
+    registry = with_auth(registry_with, nix, htpasswd)
+    paths = remembered_paths(registry, basic())
+    server = Server(registry, log_format="json")
+    routed = server.exchange("/v2/", "Authorization: " + basic(), "User-Agent: docker/27")
+    fast = server.exchange(paths[0], "Authorization: " + basic(), "User-Agent: docker/27")
+    anonymous = server.exchange(paths[0])
+    wrong = server.exchange("/v2/", "Authorization: " + basic(password="wrong"))
+    assert [routed[0], fast[0], anonymous[0], wrong[0]] == [
+        b"HTTP/1.1 200 OK",
+        b"HTTP/1.1 200 OK",
+        b"HTTP/1.1 401 Unauthorized",
+        b"HTTP/1.1 401 Unauthorized",
+    ]
+    assert server.requests == 3, "the verified pull was not answered from memory"
+    server.access_log.flush()
+    text = server.log.getvalue()
+    for secret in (PASSWORD, basic().split()[1], basic(password="wrong").split()[1]):
+        assert secret not in text
+    assert "uthorization" not in text
+    records = [json.loads(line) for line in text.split("\x1e") if line]
+    fields = {"log_namespace", "time", "remote", "method", "path", "status", "bytes"}
+    fields |= {"duration_ms", "user_agent"}
+    assert set(records[0]) == set(records[1]) == fields | {"user"}
+    assert set(records[2]) == set(records[3]) == fields
+    assert [record["user"] for record in records[:2]] == ["alice", "alice"]
+    assert [record["path"] for record in records] == ["/v2/", paths[0], paths[0], "/v2/"]
+    assert [record["status"] for record in records] == [200, 200, 401, 401]
+    assert records[1]["bytes"] == len(registry.get(paths[0], headers={"Authorization": basic()})[1])
+    assert records[1]["user_agent"] == "docker/27" and records[2]["user_agent"] is None
+    assert all(record["remote"] == "10.0.0.7" for record in records)
+    assert all(record["log_namespace"] == "nixeryd.access" for record in records)
+    assert all(0 <= record["duration_ms"] < 1000 for record in records)
+    assert all(abs(record["time"] - time.time()) < 60 for record in records)
+
+
+def test_the_text_access_log_has_the_user_in_its_authuser_field(
+    registry_with: RegistryFactory, nix: FakeNix, htpasswd: Path
+) -> None:
+    registry = with_auth(registry_with, nix, htpasswd)
+    paths = remembered_paths(registry, basic())
+    server = Server(registry)
+    server.exchange(paths[0], "Authorization: " + basic())
+    server.exchange("/v2/")
+    server.access_log.flush()
+    fast, refused = server.log.getvalue().splitlines()
+    assert ' "10.0.0.7" - alice [' in fast
+    assert f'"GET {paths[0]} HTTP/1.1" 200 ' in fast
+    assert ' "10.0.0.7" - - [' in refused
+
+
+@pytest.mark.parametrize("policy", ["everything", "builds"])
+def test_metrics_on_the_registry_listener_need_credentials(
+    registry_with: RegistryFactory, nix: FakeNix, htpasswd: Path, policy: str
+) -> None:
+    registry = with_auth(registry_with, nix, htpasswd, policy=policy)
+    response, body = registry.get("/metrics")
+    assert response.code == 401
+    assert errors(body) == ["UNAUTHORIZED"]
+    response, body = registry.get("/metrics", headers={"Authorization": basic()})
+    assert response.code == 200
+    assert b"nixeryd_http_requests_total" in body

@@ -57,6 +57,9 @@ def test_one_repl_answers_every_request_over_its_setup() -> None:
     assert repl.setup == ['nixeryd = import ./nixeryd.nix { srcType = "path"; }']
     assert repl.expressions == ["builtins.toJSON 1", "x"]
     assert lines == [], "the repl's greeting belongs to no request"
+    counted = evaluator._repl.metrics.registry.get_sample_value
+    assert counted("nixeryd_cache_misses_total", {"level": "evaluator"}) == 1  # started
+    assert counted("nixeryd_cache_hits_total", {"level": "evaluator"}) == 1  # reused
 
 
 def test_a_failing_evaluation_reports_nix_error_and_the_repl_stays() -> None:

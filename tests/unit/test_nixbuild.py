@@ -309,21 +309,3 @@ def test_strings_reach_nix_as_they_are(text: str) -> None:
         check=True,
     )
     assert json.loads(result.stdout) == text
-
-
-def test_stopping_drops_the_roots_of_every_build_not_released(tmp_path: Path) -> None:
-    roots_dir = tmp_path / "gcroots"
-    nix = Nix(
-        ExpectingProcessRunner(Expect(["nix-store", "--realise"])),
-        builder_timeout=60,
-        step_timeout=600,
-        gc_roots=roots_dir,
-    )
-    package = ResolvedPackage("hello", "hello", "/nix/store/x-hello.drv", "/nix/store/x-hello")
-    target = parse_image_name("hello").targets([AMD64])[0]
-    released = successResultOf(nix.realise([package], target))
-    kept = successResultOf(nix.realise([package], target))  # its layers are being written
-    nix.release(released)
-    assert list(roots_dir.iterdir()) == [kept]
-    nix.release_all()
-    assert list(roots_dir.iterdir()) == []

@@ -77,6 +77,7 @@ CONTRACTS = [
     hookspecs.nixeryd_layering_strategies,
     hookspecs.nixeryd_authenticators,
     hookspecs.nixeryd_image_built,
+    hookspecs.nixeryd_gc_finished,
 ]
 
 

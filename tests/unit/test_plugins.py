@@ -49,6 +49,31 @@ def test_site_plugins_add_providers_and_see_events(tmp_path: Any) -> None:
     assert seen == [("amd64:hello", "sha256:x")]
 
 
+def test_plugins_hear_of_gc_runs_and_one_failing_does_not_stop_the_others() -> None:
+    seen: list[tuple[str, int, int]] = []
+
+    class Failing:
+        @hookimpl
+        def nixeryd_gc_finished(
+            self, result: str, blobs_deleted: int, bytes_deleted: int, seconds: float
+        ) -> None:
+            raise RuntimeError("counter unavailable")
+
+    class Counting:
+        @hookimpl
+        def nixeryd_gc_finished(
+            self, result: str, blobs_deleted: int, bytes_deleted: int, seconds: float
+        ) -> None:
+            seen.append((result, blobs_deleted, bytes_deleted))
+
+    plugins = Plugins(make_plugin_manager(plugins=[Failing(), Counting()], load_entrypoints=False))
+    with capturedLogs() as events:
+        plugins.gc_finished("completed", 3, 4096, 0.5)
+    assert seen == [("completed", 3, 4096)]
+    [error] = [event for event in events if event["log_level"] == LogLevel.error]
+    assert "nixeryd_gc_finished: RuntimeError: counter unavailable" in formatEvent(error)
+
+
 def test_entry_point_plugins_load() -> None:
     """The example plugin in plugins/ is installed by scripts/setup through its entry point."""
     plugins = Plugins(make_plugin_manager())

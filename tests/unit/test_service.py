@@ -18,6 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from nixeryd.config import Config
 from nixeryd.lifecycle import Drain, Lifecycle, StartFailed
+from nixeryd.metrics import Metrics
 from nixeryd.plugins import Plugins, builtin_plugins, make_plugin_manager
 from nixeryd.service import make_service
 from nixeryd.site import RegistryChannel, RegistrySite
@@ -174,7 +175,7 @@ def test_requests_in_flight_at_shutdown_get_a_registry_error_and_later_ones_too(
     evaluation = nix.evaluation(gate=building)
     registry = registry_with(evaluation, Expect(["nix-store", "--realise"]), nix.path_info())
     drain = Drain(Clock())
-    site = RegistrySite(registry.registry.resource(), registry.registry.answers, access_log=False)
+    site = RegistrySite(registry.registry.resource(), registry.registry.answers, Metrics())
     site.requestFactory = drain.request  # type: ignore[assignment]
     channel, transport = _connect(site)
     channel.dataReceived(b"GET /v2/hello/manifests/latest HTTP/1.1\r\nHost: registry\r\n\r\n")

@@ -13,28 +13,38 @@ import pytest
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
-from twisted.web.server import Request
 
-from nixeryd.site import REQUEST_READ_DEADLINE, RegistryChannel, RegistrySite
+from nixeryd.accesslog import AccessLog
+from nixeryd.site import REQUEST_READ_DEADLINE, RegistryChannel, RegistryRequest, RegistrySite
 from nixeryd.testing.harness import FakeNix, Harness, RegistryFactory, building
 
 
 class Server:
     """A RegistrySite over a harness's registry, spoken to one connection at a time."""
 
-    def __init__(self, registry: Harness, *, access_log: bool = False) -> None:
-        self.site = RegistrySite(
-            registry.registry.resource(), registry.registry.answers, access_log=access_log
-        )
+    def __init__(self, registry: Harness, *, access_log: str | None = None) -> None:
         self.log = io.StringIO()
+        self.access_log = None if access_log is None else AccessLog(self.log, access_log, Clock())
+        self.metrics = registry.registry.metrics
+        self.site = RegistrySite(
+            registry.registry.resource(),
+            registry.registry.answers,
+            self.metrics,
+            access_log=self.access_log,
+        )
         self.site.startFactory()
-        self.site._logFile = self.log
         self.requests = 0
         self.site.requestFactory = self._counting  # type: ignore[assignment]
 
-    def _counting(self, *args: Any) -> Request:
+    def _counting(self, *args: Any) -> RegistryRequest:
         self.requests += 1
-        return Request(*args)
+        return RegistryRequest(*args)
+
+    def logged(self) -> list[str]:
+        """The access log's lines so far."""
+        assert self.access_log is not None
+        self.access_log.flush()
+        return self.log.getvalue().splitlines()
 
     def connect(self) -> tuple[RegistryChannel, StringTransport]:
         channel = self.site.buildProtocol(IPv4Address("TCP", "10.0.0.7", 5555))
@@ -186,24 +196,28 @@ def test_tls_handshake_is_turned_away(served: tuple[Harness, list[str]]) -> None
     channel.dataReceived(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")
     assert transport.value().startswith(b"HTTP/1.0 400 Bad Request")
     assert transport.disconnecting
+    assert registry.registry.metrics.registry.get_sample_value(
+        "nixeryd_http_refused_total", {"code": "400"}
+    )
 
 
 def test_the_access_log_has_the_same_line_either_way(served: tuple[Harness, list[str]]) -> None:
     registry, paths = served
-    server = Server(registry, access_log=True)
+    server = Server(registry, access_log="text")
     raw = get(paths[0], "User-Agent: docker/20.10", "Referer: http://x/")
     server.exchange(raw)
     server.exchange(raw[:10], raw[10:])
-    fast, usual = server.log.getvalue().splitlines()
-    assert fast == usual
-    assert '"10.0.0.7"' in fast
+    fast, usual = server.logged()
+    # The same but for the milliseconds taken, at the end.
+    assert fast.rpartition(" ")[0] == usual.rpartition(" ")[0]
+    assert re.fullmatch(r"\S+ \[access\] \"10\.0\.0\.7\" - - \[[^]]+\] .* \d+\.\d{3}ms", fast)
     assert f'"GET {paths[0]} HTTP/1.1" 200 ' in fast
-    assert fast.endswith('"http://x/" "docker/20.10"')
+    assert fast.rpartition(" ")[0].endswith('"http://x/" "docker/20.10"')
 
 
 def test_no_access_log_line_when_it_is_off(served: tuple[Harness, list[str]]) -> None:
     registry, paths = served
-    server = Server(registry, access_log=False)
+    server = Server(registry)
     server.exchange(get(paths[0]))
     server.exchange(get("/v2/"))
     assert server.log.getvalue() == ""
@@ -242,6 +256,9 @@ def test_a_large_get_body_is_refused_from_its_length(
     channel.dataReceived(get("/v2/", f"Content-Length: {length}"))
     assert refused(transport.value()) == (b"HTTP/1.1 413 Content Too Large", "SIZE_INVALID")
     assert transport.disconnecting
+    assert registry.registry.metrics.registry.get_sample_value(
+        "nixeryd_http_refused_total", {"code": "413"}
+    )
 
 
 def test_a_large_chunked_get_body_is_refused_as_it_arrives(

@@ -41,6 +41,7 @@ from nixeryd.answers import Answers
 from nixeryd.blobserving import _CHUNK_SIZE, _SEND_PIECE, _FileRangeProducer, _SocketBody
 from nixeryd.builtin.filesystem import NAME, FilesystemStorage, _StagingFile
 from nixeryd.errors import DigestInvalid, StorageFailed, StorageFull
+from nixeryd.metrics import Metrics
 from nixeryd.site import RegistrySite
 from nixeryd.storage import BlobInfo, Storage
 from nixeryd.testing.memoryhttp import MemoryHTTP
@@ -694,7 +695,7 @@ class RecordingSite(RegistrySite):
     """The daemon's site, recording the access log's fields of every finished response."""
 
     def __init__(self, resource: Resource) -> None:
-        super().__init__(resource, Answers([]), access_log=False)
+        super().__init__(resource, Answers([], Metrics()), Metrics())
         self.logged: list[Logged] = []
 
     def log(self, request: HTTPRequest) -> None:

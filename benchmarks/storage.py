@@ -581,6 +581,7 @@ def nixeryd_upload(spec: dict[str, Any]) -> dict[str, float]:
     from twisted.internet import reactor as global_reactor
     from twisted.internet.defer import ensureDeferred
     from twisted.internet.threads import deferToThreadPool
+    from twisted.web.client import HTTPConnectionPool
 
     from nixeryd.builtin.s3 import S3Storage
     from nixeryd.service import _http_client
@@ -589,7 +590,7 @@ def nixeryd_upload(spec: dict[str, Any]) -> dict[str, float]:
     pool = reactor.getThreadPool()
     storage = S3Storage(
         bucket=spec["bucket"],
-        http=_http_client(reactor),
+        http=_http_client(reactor, HTTPConnectionPool(reactor, persistent=True)),
         reactor=reactor,
         run_in_thread=lambda work: deferToThreadPool(reactor, pool, work),
         endpoint=spec["endpoint"],

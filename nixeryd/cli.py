@@ -248,22 +248,25 @@ def serve(options: Any) -> None:
 
     from nixeryd.logs import start_logging
     from nixeryd.service import make_service
+    from nixeryd.systemd import Notifier
 
     cli = {key.replace("-", "_"): value for key, value in options.items()}
     config_file = cli.pop("config", None) or os.environ.get("NIXERYD_CONFIG")
+    # Taken out of the environment, which the Nix commands inherit.
+    notifier = Notifier.from_environment(os.environ)
     try:
         config = load_config(cli, os.environ, Path(config_file) if config_file else None)
         start_logging(config.log_format, level=config.log_level)
-        service = make_service(config, reactor)
+        service = make_service(config, reactor, notifier=notifier)
     except (ConfigError, ValueError) as error:
         print(f"nixeryd: configuration error: {error}", file=sys.stderr)
         sys.exit(2)
     service.startService()
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)  # type: ignore[arg-type]
     reactor.run()  # type: ignore[misc]
-    if service.storage_failure is not None:
+    if service.failure is not None:
         print(
-            f"nixeryd: storage backend did not start: {service.storage_failure.getErrorMessage()}",
+            f"nixeryd: {service.failed_step} did not start: {service.failure.getErrorMessage()}",
             file=sys.stderr,
         )
         sys.exit(1)
@@ -404,6 +407,7 @@ def _build(reactor: Any, config: Any, options: Any, failures: list[str]) -> Any:
 
     from nixeryd.errors import RegistryError
     from nixeryd.export import Exporter, OutputFailed, parse_reference
+    from nixeryd.lifecycle import Lifecycle, StartFailed
     from nixeryd.service import make_registry
 
     # Configured storage is reused, so that a daemon on it later serves these layers
@@ -413,21 +417,24 @@ def _build(reactor: Any, config: Any, options: Any, failures: list[str]) -> Any:
         config = replace(config, storage_path=temporary)
         # After the layer writers have stopped, also when a signal ends the build.
         reactor.addSystemEventTrigger("after", "shutdown", shutil.rmtree, temporary, True)
+    lifecycle = Lifecycle(reactor)
     try:
-        registry = make_registry(config, reactor)
+        registry = make_registry(config, reactor, lifecycle=lifecycle)
     except (ConfigError, ValueError) as error:
         failures.append(f"configuration error: {error}")
         raise SystemExit(2) from error
+    # Threads, storage and Nix stop with the reactor: at the end, or when a signal ends it.
+    reactor.addSystemEventTrigger("before", "shutdown", lifecycle.stopService)
     storage = registry.storage
     exporter = Exporter(registry.images, storage, HTTPClient(Agent(reactor)), reactor)  # type: ignore[arg-type]
     name, tag = parse_reference(options["reference"])
 
     def built(_: Any) -> Any:
-        exported = exporter.export(name, tag, options["output"], options["platform"])
-        return exported.addBoth(lambda result: storage.stop().addBoth(lambda _: result))
+        return exporter.export(name, tag, options["output"], options["platform"])
 
     def not_started(failure: Any) -> None:
-        failures.append(f"storage backend did not start: {failure.getErrorMessage()}")
+        failure.trap(StartFailed)
+        failures.append(failure.getErrorMessage())
         raise SystemExit(1)
 
     def fail(failure: Any) -> None:
@@ -435,7 +442,7 @@ def _build(reactor: Any, config: Any, options: Any, failures: list[str]) -> Any:
         failures.append(failure.getErrorMessage())
         raise SystemExit(1)
 
-    exported = storage.start().addCallbacks(built, not_started)
+    exported = lifecycle.start().addCallbacks(built, not_started)
     return exported.addErrback(fail)
 
 

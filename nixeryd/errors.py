@@ -109,6 +109,14 @@ class TooManyRequests(RegistryError):
         self.headers = [(b"Retry-After", str(retry_after).encode())]
 
 
+class ShuttingDown(RegistryError):
+    """The daemon is stopping: a request it had not answered yet is told so, and may be
+    retried (against another instance, or this one once it is back)."""
+
+    code = "UNAVAILABLE"
+    status = 503
+
+
 def first_failure(failure: Failure) -> Failure:
     """The failure of the first of several concurrent steps that failed (gatherResults
     with ``consumeErrors``), rather than its ``FirstError`` wrapper, so that a client

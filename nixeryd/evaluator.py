@@ -98,8 +98,15 @@ class _Request:
     """One expression sent to the repl, and what the repl printed for it."""
 
     def __init__(
-        self, token: str, number: int, on_line: Callable[[str], None], cancel: Callable[[], None]
+        self,
+        token: str,
+        number: int,
+        on_line: Callable[[str], None],
+        cancel: Callable[[], None],
+        process: InteractiveProcess,
     ) -> None:
+        #: The repl it was sent to: only that one's end can fail it.
+        self.process = process
         self.answer_tag = f"nixeryd-answer-{token}-{number}"
         self.end_tag = f"nixeryd-end-{token}-{number}"
         self.on_line = on_line
@@ -206,7 +213,7 @@ class Evaluator:
         self._repl.metrics.cache("evaluator", hit=self._process is not None)
         process = self._process or self._start()
         self._requests += 1
-        request = _Request(self._token, self._requests, on_line, cancel=self._kill_current)
+        request = _Request(self._token, self._requests, on_line, self._kill_current, process)
         self._current = request
         timer = self._clock.callLater(self._limits.request_timeout, self._time_out, request)
 
@@ -263,8 +270,13 @@ class Evaluator:
     def _ended(self, status: int, process: InteractiveProcess) -> None:
         if self._process is process:
             self._process = None
-        request, self._current = self._current, None
-        if request is None or request.done.called:
+        request = self._current
+        if request is None or request.process is not process:
+            # A repl stopped earlier (too old, over its memory bound), reaped only after
+            # its successor took this request.
+            return
+        self._current = None
+        if request.done.called:
             return
         if request.timed_out:
             request.done.errback(

@@ -15,7 +15,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred, succeed
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    inlineCallbacks,
+    maybeDeferred,
+    succeed,
+)
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -105,7 +111,8 @@ class PopularityLoader:
 
 
 class PopularitySource:
-    """The popularity data builds use: loaded once, on first need, shared by concurrent builds.
+    """The popularity data builds use: loaded once, when the daemon starts (or on first need),
+    shared by concurrent builds.
 
     A failed load is logged and the build goes on without popularity data
     (every path then counts 1, so layering falls back to the dominator tree
@@ -119,6 +126,17 @@ class PopularitySource:
         self._location = location
         self._loaded: Popularity | None = None
         self._flight: SingleFlight[Popularity] = SingleFlight()
+        #: The load running now, if any, for :meth:`stop` to abandon.
+        self._loading: Deferred[Popularity] | None = None
+
+    def start(self) -> None:
+        """Load the data now, in the background, so that the first build need not wait."""
+        self.get()
+
+    def stop(self) -> None:
+        """Abandon a load still running (an HTTP fetch): the daemon stops."""
+        if self._loading is not None:
+            self._loading.cancel()
 
     def get(self) -> Deferred[Popularity]:
         if self._loaded is not None:
@@ -126,15 +144,18 @@ class PopularitySource:
         return self._flight.run(self._location, self._load)
 
     def _load(self) -> Deferred[Popularity]:
-        return maybeDeferred(self._loader.load, self._location).addCallbacks(
-            self._remember, self._fall_back
-        )
+        self._loading = maybeDeferred(self._loader.load, self._location)
+        return self._loading.addCallbacks(self._remember, self._fall_back)
 
     def _remember(self, popularity: Popularity) -> Popularity:
+        self._loading = None
         self._loaded = popularity
         return popularity
 
     def _fall_back(self, failure: Failure) -> Popularity:
+        self._loading = None
+        if failure.check(CancelledError):
+            return Popularity()
         self.log.failure(
             "cannot load popularity data from {location}; layering without it",
             failure,

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import fcntl
 import os
 import re
@@ -58,7 +59,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from twisted.internet import process as twisted_process
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail, gatherResults
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import LoopingCall
@@ -164,13 +165,34 @@ class InteractiveProcess(Protocol):
         ...
 
 
-class _StreamingProtocol(ProcessProtocol):
+class _Command(ProcessProtocol):
+    """A command the runner started; ``exited`` fires once its process is gone, however
+    the Deferred its caller holds ended (a cancelled one fires at once), or once it is
+    known it never started."""
+
+    def __init__(self) -> None:
+        self.exited: Deferred[None] = Deferred()
+
+    def processEnded(self, reason: Failure) -> None:
+        self.gone()
+
+    def gone(self) -> None:
+        if not self.exited.called:
+            self.exited.callback(None)
+
+    def stop(self) -> None:
+        """End the command for a stopping daemon: kill its process tree."""
+        _kill(self.transport)
+
+
+class _StreamingProtocol(_Command):
     def __init__(
         self,
         argv: Sequence[str],
         timeout: float,
         on_stderr_line: Callable[[str], None],
     ) -> None:
+        super().__init__()
         self.argv = tuple(argv)
         self.timeout = timeout
         self.on_stderr_line = on_stderr_line
@@ -202,7 +224,13 @@ class _StreamingProtocol(ProcessProtocol):
         self.killed = True
         _kill(self.transport)
 
+    def stop(self) -> None:
+        # As a caller abandoning it: killed, and its caller sees a cancellation rather
+        # than a kill by SIGKILL it would log as someone else's doing.
+        self.done.cancel()
+
     def processEnded(self, reason: Failure) -> None:
+        super().processEnded(reason)
         for line in self._stderr.rest():
             self._emit(line)
         if self.done.called:
@@ -223,10 +251,11 @@ class _StreamingProtocol(ProcessProtocol):
         )
 
 
-class _InteractiveProtocol(ProcessProtocol):
+class _InteractiveProtocol(_Command):
     """An :class:`InteractiveProcess`: stdin kept open, stderr by line, stdout dropped."""
 
     def __init__(self, on_stderr_line: Callable[[str], None]) -> None:
+        super().__init__()
         self.on_stderr_line = on_stderr_line
         self._ended: Deferred[int] = Deferred()
         self._stderr = _Lines()
@@ -253,6 +282,7 @@ class _InteractiveProtocol(ProcessProtocol):
                 self.on_stderr_line(line)
 
     def processEnded(self, reason: Failure) -> None:
+        super().processEnded(reason)
         for line in self._stderr.rest():
             self.on_stderr_line(line)
         exit_code = _exit_status(reason)
@@ -494,8 +524,9 @@ class ReactorProcessRunner:
         self._reactor = reactor
         self._pool = pool if pool is not None else reactor.getThreadPool()
         #: What is running now, so that :meth:`stop` leaves no command behind.
-        self._running: set[ProcessProtocol] = set()
-        #: Set by :meth:`stop`: a command whose spawn finishes after it is killed at once.
+        self._running: set[_Command] = set()
+        #: Set by :meth:`stop`: no command starts after it, and one whose spawn finishes
+        #: after it is killed at once.
         self._stopping = False
         #: Pids spawned in a thread and not yet handed to the reactor, under the lock
         #: a sweep for orphans holds while it lists this process's children.
@@ -559,17 +590,22 @@ class ReactorProcessRunner:
         with self._spawn_lock:
             return _children(os.getpid()) - self._handing_over
 
-    def stop(self) -> None:
-        """Kill every command still running, with its process tree: the daemon is
-        stopping, and a build nobody waits for would still fill the Nix store."""
+    @property
+    def running(self) -> int:
+        """How many commands run now."""
+        return len(self._running)
+
+    def stop(self) -> Deferred[Any]:
+        """Kill every command still running, with its process tree, and start no more: the
+        daemon is stopping, and a build nobody waits for would still fill the Nix store.
+        Fires once every one has exited."""
         self._stopping = True
         if self._sweeps is not None and self._sweeps.running:
             self._sweeps.stop()
-        for protocol in list(self._running):
-            if isinstance(protocol, _StreamingProtocol):
-                protocol.kill_group()
-            else:
-                _kill(protocol.transport)
+        running = list(self._running)
+        for protocol in running:
+            protocol.stop()
+        return gatherResults([protocol.exited for protocol in running])
 
     def run(
         self,
@@ -579,8 +615,10 @@ class ReactorProcessRunner:
         on_stderr_line: Callable[[str], None],
         env: Mapping[str, str] | None = None,
     ) -> Deferred[ProcessResult]:
+        if self._stopping:
+            return fail(OSError(errno.ESHUTDOWN, "nixeryd is stopping"))
         protocol = _StreamingProtocol(argv, timeout, on_stderr_line)
-        self._running.add(protocol)
+        self._track(protocol)
         environment = dict(os.environ if env is None else env)
 
         def spawn() -> _Child:
@@ -600,6 +638,7 @@ class ReactorProcessRunner:
                 protocol.kill_group()
 
         def not_spawned(failure: Failure) -> None:
+            protocol.gone()
             if not protocol.done.called:
                 protocol.done.errback(failure)
 
@@ -609,7 +648,6 @@ class ReactorProcessRunner:
         timer = self._reactor.callLater(timeout, protocol.time_out)
 
         def cancel_timer(result: Any) -> Any:
-            self._running.discard(protocol)
             if timer.active():
                 timer.cancel()
             if self._sweeps is not None and isinstance(result, ProcessResult) and result.signal:
@@ -626,19 +664,18 @@ class ReactorProcessRunner:
         on_stderr_line: Callable[[str], None],
         env: Mapping[str, str] | None = None,
     ) -> InteractiveProcess:
+        if self._stopping:
+            raise OSError(errno.ESHUTDOWN, "nixeryd is stopping")
         protocol = _InteractiveProtocol(on_stderr_line)
         self._spawn(protocol, argv, env)
-
-        def ended(status: int) -> int:
-            self._running.discard(protocol)
-            return status
-
-        protocol.ended.addCallback(ended)
         return protocol
 
-    def _spawn(
-        self, protocol: ProcessProtocol, argv: Sequence[str], env: Mapping[str, str] | None
-    ) -> Any:
+    def _track(self, protocol: _Command) -> None:
+        """Count ``protocol`` as running until its process is gone."""
+        self._running.add(protocol)
+        protocol.exited.addCallback(lambda _: self._running.discard(protocol))
+
+    def _spawn(self, protocol: _Command, argv: Sequence[str], env: Mapping[str, str] | None) -> Any:
         """Start ``argv`` as the leader of a new process group; its transport."""
         transport = self._reactor.spawnProcess(
             protocol,
@@ -647,5 +684,5 @@ class ReactorProcessRunner:
             env=dict(os.environ if env is None else env),
             childFDs={0: "w", 1: "r", 2: "r"},
         )
-        self._running.add(protocol)
+        self._track(protocol)
         return transport

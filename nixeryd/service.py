@@ -4,23 +4,27 @@
 everything else (plugins, Nix, builder, HTTP routes, listening endpoints)
 into a Twisted service tree. Nothing else imports a reactor or builds a
 client; tests call it with fakes.
+
+Wiring starts nothing: every thread pool, connection pool, process and
+backend is a step of the :class:`~nixeryd.lifecycle.Lifecycle` it is added
+to, started with the tree in the order added and stopped in the reverse
+(see :mod:`nixeryd.lifecycle` for why that order).
 """
 
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, cast
 
 from treq.client import HTTPClient
-from twisted.application.service import MultiService, Service
-from twisted.application.strports import service as endpoint_service
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import AdoptedStreamServerEndpoint, serverFromString
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.resource import IResource
@@ -28,12 +32,13 @@ from twisted.web.resource import IResource
 from nixeryd.accesslog import AccessLog
 from nixeryd.auth import Gate
 from nixeryd.builder import ImageBuilder
-from nixeryd.config import Config
+from nixeryd.config import Config, ConfigError
 from nixeryd.evaluator import EvaluatorLimits, EvaluatorPool, Repl
 from nixeryd.fanout import PlatformFanOut
 from nixeryd.gc import GcReport, PeriodicCollection, telling
 from nixeryd.gcroots import ProcessRoots, remove_stale_roots
 from nixeryd.layerstore import LayerStore
+from nixeryd.lifecycle import Drain, Lifecycle, Listener
 from nixeryd.manifeststore import ManifestStore
 from nixeryd.metrics import MeasuredStorage, Metrics, MetricsPage, MetricsSite
 from nixeryd.nixbuild import Nix, repl_argv
@@ -45,8 +50,8 @@ from nixeryd.ratelimit import ClientBuckets
 from nixeryd.registry import RegistryApp
 from nixeryd.runtime import Runtime
 from nixeryd.site import RegistrySite
-from nixeryd.storage import Storage
-from nixeryd.tls import tls_service
+from nixeryd.systemd import Notifier, Watchdog
+from nixeryd.tls import tls_endpoint
 
 log = Logger()
 
@@ -55,6 +60,7 @@ def make_registry(
     config: Config,
     reactor: Any,
     *,
+    lifecycle: Lifecycle | None = None,
     plugins: Plugins | None = None,
     http: Any = None,
     processes: ProcessRunner | None = None,
@@ -65,41 +71,36 @@ def make_registry(
 
     Every stage counts what it does in ``metrics`` (a new set when not given).
 
+    What it builds that must be started and stopped is added to ``lifecycle``
+    (:func:`make_service`'s tree), storage included; without one, starting
+    storage is the caller's (tests, which pass fakes that need nothing else).
     Given ``run_in_thread`` (tests) runs every blocking call, layer writes
-    included; otherwise short blocking calls go to the reactor's pool, layer
+    included; otherwise short blocking calls go to a pool of threads, layer
     writes to a pool of ``layer_workers`` threads, and the compression of
     blocks of each layer to another pool as large.
     """
+    steps = lifecycle if lifecycle is not None else Lifecycle(reactor)
     plugins = plugins or Plugins(make_plugin_manager())
-    gc_roots = ProcessRoots(config.gc_roots_dir)
-    if processes is None:
-        runner = ReactorProcessRunner(reactor)
-        # Builds, closure queries and evaluators alike: none outlives the daemon, nor
-        # the nix-store that started it (when something else kills nix-store).
-        reactor.addSystemEventTrigger("before", "shutdown", runner.stop)
-        # Once they are stopped, no build needs its Nix GC roots.
-        reactor.addSystemEventTrigger("during", "shutdown", gc_roots.drop)
-        if not runner.adopt_orphans():
-            log.warn("cannot adopt orphaned processes (no PR_SET_CHILD_SUBREAPER here)")
-        processes = runner
     compress_pool = None
     if run_in_thread is not None:
         write_in_thread = run_in_thread
     else:
-        pool = reactor.getThreadPool()
-
-        def run_in_thread(work: Callable[[], Any]) -> Deferred[Any]:
-            return deferToThreadPool(reactor, pool, work)
-
+        run_in_thread = _thread_pool(steps, reactor, "nixeryd-io", IO_THREADS)
         workers = layer_pool_size(config.layer_workers)
-        write_in_thread = _layer_pool_runner(reactor, workers)
+        write_in_thread = _thread_pool(steps, reactor, "nixeryd-layers", workers)
+        log.info("writing up to {size} layers at once", size=workers)
         compress_pool = ThreadPoolExecutor(workers, thread_name_prefix="nixeryd-deflate")
-        reactor.addSystemEventTrigger("during", "shutdown", compress_pool.shutdown)
-
+        steps.add("compression threads", stop=compress_pool.shutdown)
+    if http is None:
+        connections = HTTPConnectionPool(reactor, persistent=True)
+        steps.add("HTTP client", stop=connections.closeCachedConnections)
+        http = _http_client(reactor, connections)
+    if processes is None:
+        processes = ReactorProcessRunner(reactor)
     runtime = Runtime(
         config=config,
         reactor=reactor,
-        http=http or _http_client(reactor),
+        http=http,
         processes=processes,
         run_in_thread=run_in_thread,
     )
@@ -109,6 +110,8 @@ def make_registry(
         config.storage_backend,
         metrics,
     )
+    if lifecycle is not None:
+        lifecycle.add("storage backend", storage.start, storage.stop)
     source = plugins.package_source(config.package_source).create_with(runtime)
     layering = plugins.layering_strategy(config.layering_strategy).create_with(runtime)
     gate = None
@@ -121,8 +124,6 @@ def make_registry(
     for name in sorted(set(config.plugin_options) - selected):
         # A misspelt name, or a provider the site switched away from: not an error.
         log.warn("[plugin.{name}]: no selected provider is called {name}; ignored", name=name)
-    # Roots a killed daemon left would keep its store paths from Nix's GC for good.
-    remove_stale_roots(config.gc_roots_dir)
     evaluators = None
     if config.evaluators > 0:
         limits = EvaluatorLimits(
@@ -133,10 +134,10 @@ def make_registry(
         )
         repl = Repl(processes, reactor, repl_argv(config.nix_bin_dir), limits, metrics=metrics)
         evaluators = EvaluatorPool(repl)
-        reactor.addSystemEventTrigger("before", "shutdown", evaluators.stop)
     # One Nix command per core, by the layer writers' rule: more would only interleave.
     slots = NixSlots(layer_pool_size(config.nix_jobs), config.nix_queue)
     metrics.watch_nix(lambda: slots.running, lambda: slots.waiting)
+    gc_roots = ProcessRoots(config.gc_roots_dir)
     nix = Nix(
         processes,
         builder_timeout=config.nix_timeout,
@@ -150,6 +151,26 @@ def make_registry(
         slots=slots,
         run_in_thread=run_in_thread,
     )
+    # Roots a killed daemon left would keep its store paths from Nix's GC for good; this
+    # daemon's own are dropped once the steps after this one have stopped its Nix.
+    steps.add(
+        "Nix garbage collector roots",
+        lambda: remove_stale_roots(config.gc_roots_dir),
+        gc_roots.drop,
+    )
+    if isinstance(processes, ReactorProcessRunner):
+        # Builds, closure queries and evaluators alike: none outlives the daemon, nor the
+        # nix-store that started it (when something else kills nix-store).
+        runner = processes
+        steps.add(
+            "Nix commands",
+            lambda: _adopt_orphans(runner),
+            lambda: runner.stop().addTimeout(PROCESS_EXIT_WAIT, reactor),
+        )
+    if evaluators is not None:
+        steps.add("Nix evaluators", stop=evaluators.stop)
+    popularity = PopularitySource(PopularityLoader(runtime.http), config.popularity_url)
+    steps.add("popularity data", popularity.start, popularity.stop)
     manifests = ManifestStore(storage, config.compression, metrics)
     builder = ImageBuilder(
         nix=nix,
@@ -157,7 +178,7 @@ def make_registry(
         layering=layering,
         layering_name=config.layering_strategy,
         layer_budget=config.layer_budget,
-        popularity=PopularitySource(PopularityLoader(runtime.http), config.popularity_url),
+        popularity=popularity,
         layers=LayerStore(storage, config.compression, write_in_thread, metrics, compress_pool),
         manifests=manifests,
         run_in_thread=run_in_thread,
@@ -192,18 +213,28 @@ def make_registry(
     )
 
 
+#: Threads for short blocking calls (file I/O, hashing, a blocking library): the
+#: reactor's own pool's size, in a pool the lifecycle stops after storage.
+IO_THREADS = 10
+
+#: Seconds the Nix commands killed at shutdown may take to be reaped.
+PROCESS_EXIT_WAIT = 10.0
+
 #: Idle connections kept per host: an object store is asked many small things at once
 #: (a pull of a large image stats dozens of blobs).
 HTTP_CONNECTIONS_PER_HOST = 16
 
 
-def _http_client(reactor: Any) -> HTTPClient:
+def _http_client(reactor: Any, pool: HTTPConnectionPool) -> HTTPClient:
     """treq's client on a pool that keeps connections open: every request to an object
     store would otherwise pay for a new connection, and a TLS handshake on AWS."""
-    pool = HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = HTTP_CONNECTIONS_PER_HOST
-    reactor.addSystemEventTrigger("before", "shutdown", pool.closeCachedConnections)
     return HTTPClient(Agent(reactor, pool=pool))  # type: ignore[arg-type]
+
+
+def _adopt_orphans(runner: ReactorProcessRunner) -> None:
+    if not runner.adopt_orphans():
+        log.warn("cannot adopt orphaned processes (no PR_SET_CHILD_SUBREAPER here)")
 
 
 def layer_pool_size(configured: int, cores: int | None = None) -> int:
@@ -218,12 +249,12 @@ def layer_pool_size(configured: int, cores: int | None = None) -> int:
     return max(1, cores)
 
 
-def _layer_pool_runner(reactor: Any, size: int) -> Callable[[Callable[[], Any]], Deferred[Any]]:
-    """A thread pool of ``size`` for layer writes, started now and stopped with the reactor."""
-    pool = ThreadPool(minthreads=0, maxthreads=size, name="nixeryd-layers")
-    pool.start()
-    reactor.addSystemEventTrigger("during", "shutdown", pool.stop)
-    log.info("writing up to {size} layers at once", size=size)
+def _thread_pool(
+    steps: Lifecycle, reactor: Any, name: str, size: int
+) -> Callable[[Callable[[], Any]], Deferred[Any]]:
+    """A pool of ``size`` threads, a step of ``steps``; runs work in it from the reactor."""
+    pool = ThreadPool(minthreads=0, maxthreads=size, name=name)
+    steps.add(f"{name} threads", pool.start, pool.stop)
 
     def run(work: Callable[[], Any]) -> Deferred[Any]:
         return deferToThreadPool(reactor, pool, work)
@@ -231,31 +262,53 @@ def _layer_pool_runner(reactor: Any, size: int) -> Callable[[Callable[[], Any]],
     return run
 
 
-def make_service(config: Config, reactor: Any, **overrides: Any) -> StorageFirst:
-    """The daemon's service tree: storage, then one listening service per configured endpoint
-    (and per ``metrics_listen`` endpoint), and the periodic garbage collection when
-    ``gc_interval`` is set. The access log goes to standard output, where
-    :func:`nixeryd.logs.start_logging` sends the rest of the log."""
+def make_service(
+    config: Config, reactor: Any, *, notifier: Notifier | None = None, **overrides: Any
+) -> Lifecycle:
+    """The daemon's service tree: threads, storage, Nix, then one listener per configured
+    endpoint (and per ``metrics_listen`` endpoint), the periodic garbage collection when
+    ``gc_interval`` is set, and ``READY=1`` to ``notifier`` (systemd) and its watchdog.
+    The access log goes to standard output, where :func:`nixeryd.logs.start_logging`
+    sends the rest of the log."""
+    notifier = notifier or Notifier(None)
+    root = Lifecycle(reactor, notifier)
+    watchdog = Watchdog(notifier, reactor)
+    root.add("systemd watchdog", watchdog.start, watchdog.stop)
     metrics = Metrics()
     plugins = overrides.pop("plugins", None) or Plugins(make_plugin_manager())
-    registry = make_registry(config, reactor, metrics=metrics, plugins=plugins, **overrides)
+    processes = overrides.pop("processes", None)
+    if processes is None:
+        processes = ReactorProcessRunner(reactor)
+    registry = make_registry(
+        config,
+        reactor,
+        lifecycle=root,
+        metrics=metrics,
+        plugins=plugins,
+        processes=processes,
+        **overrides,
+    )
     access_log = None
     if config.access_log:
         access_log = AccessLog(sys.stdout, config.log_format, reactor)
     site = RegistrySite(
         registry.resource(), registry.answers, metrics, access_log=access_log, gate=registry.gate
     )
-    root = StorageFirst(registry.storage, reactor)
+    drain = Drain(reactor)
+    site.requestFactory = drain.request  # type: ignore[assignment]
+    root.add("requests in flight", stop=drain.stop)
+    listeners = [
+        Listener(description, _endpoint(description, reactor), site)
+        for description in config.listen
+    ]
     if config.metrics_listen:
         scrapes = MetricsSite(metrics)
-        for endpoint in config.metrics_listen:
-            endpoint_service(endpoint, scrapes, reactor=reactor).setServiceParent(root)  # type: ignore[arg-type]
-    for endpoint in config.listen:
-        if endpoint.startswith("ssl:"):
-            # Twisted's own ssl: endpoint reads its certificate once; this one reloads it.
-            tls_service(endpoint, site, reactor).setServiceParent(root)
-            continue
-        endpoint_service(endpoint, site, reactor=reactor).setServiceParent(root)  # type: ignore[arg-type]
+        listeners += [
+            Listener(description, _endpoint(description, reactor), scrapes)
+            for description in config.metrics_listen
+        ]
+    for listener in listeners:
+        root.add(f"listener {listener.description}", listener.start, listener.stop)
     if config.gc_interval > 0:
         tell = telling(plugins)
 
@@ -263,48 +316,51 @@ def make_service(config: Config, reactor: Any, **overrides: Any) -> StorageFirst
             metrics.gc_run(result)
             tell(result, report)
 
-        PeriodicCollection(config, registry.storage, reactor, finished).setServiceParent(root)
+        collection = PeriodicCollection(config, registry.storage, reactor, finished)
+        root.add("periodic garbage collection", collection.startService, collection.stopService)
+
+    def ready() -> None:
+        notifier.ready("serving on " + ", ".join(listener.address for listener in listeners))
+
+    def stopping() -> None:
+        running = processes.running if isinstance(processes, ReactorProcessRunner) else 0
+        status = f"stopping: {drain.in_flight} requests in flight, {running} Nix commands running"
+        log.info("{status}", status=status)
+        notifier.stopping(status)
+
+    root.add("systemd notification", ready, stopping)
     return root
 
 
-class StorageFirst(MultiService):
-    """Starts the storage backend, then the listeners; stops them in the reverse order.
+def _endpoint(description: str, reactor: Any) -> Any:
+    """The endpoint a ``listen`` description names; ConfigError for a socket systemd did
+    not pass (a ``name=`` or ``index=`` not in ``LISTEN_FDNAMES`` / ``LISTEN_FDS``) or
+    one of another address family than ``domain=`` says."""
+    if description.startswith("ssl:"):
+        # Twisted's own ssl: endpoint reads its certificate once; this one reloads it.
+        return tls_endpoint(description, reactor)
+    try:
+        endpoint = serverFromString(reactor, description)
+    except (KeyError, IndexError):
+        passed = os.environ.get("LISTEN_FDNAMES") or os.environ.get("LISTEN_FDS") or "none"
+        raise ConfigError(
+            f"listen {description!r}: systemd passed no such socket (sockets passed: "
+            f"{passed}); start nixeryd through its .socket unit, whose FileDescriptorName= "
+            "is the name"
+        ) from None
+    if isinstance(endpoint, AdoptedStreamServerEndpoint):
+        _check_family(description, endpoint.fileno, endpoint.addressFamily)
+    return endpoint
 
-    Nothing is served before storage is ready (a bucket checked, credentials
-    loaded): a backend that cannot start stops the daemon with its reason
-    rather than answering every pull with an error.
-    """
 
-    def __init__(self, storage: Storage, reactor: Any) -> None:
-        super().__init__()
-        self._storage = storage
-        self._reactor = reactor
-        self._storage_running = False
-        #: Why storage did not start, for the command's exit status; None if it did.
-        self.storage_failure: Failure | None = None
-
-    def startService(self) -> None:
-        # Marks this service running without starting the children yet.
-        Service.startService(self)
-        self._storage.start().addCallbacks(self._storage_started, self._storage_failed)
-
-    def _storage_started(self, _: None) -> None:
-        self._storage_running = True
-        if self.running:
-            for child in self:
-                child.startService()
-
-    def _storage_failed(self, failure: Failure) -> None:
-        self.storage_failure = failure
-        log.critical("storage backend did not start: {reason}", reason=failure.getErrorMessage())
-        # Start-up may fail before the reactor runs; stopping it then would be refused.
-        self._reactor.callWhenRunning(self._reactor.stop)
-
-    def stopService(self) -> Deferred[None]:
-        Service.stopService(self)
-        stopping = [child.stopService() for child in reversed(list(self)) if child.running]
-        stopped = gatherResults([d for d in stopping if d is not None])
-        if not self._storage_running:
-            return stopped.addCallback(lambda _: None)
-        self._storage_running = False
-        return stopped.addCallback(lambda _: self._storage.stop())
+def _check_family(description: str, fileno: int, declared: int) -> None:
+    """A socket adopted as another family than its own serves, but Twisted reads its
+    addresses wrongly (``ListenStream=8080`` is IPv6: an IPv4 reading of its address is
+    garbage), so the mismatch is refused with the ``domain=`` to write."""
+    with socket.socket(fileno=os.dup(fileno)) as passed:
+        family = passed.family
+    if family != declared:
+        raise ConfigError(
+            f"listen {description!r}: systemd passed an {family.name} socket; write "
+            f"domain={family.name.removeprefix('AF_')}"
+        )

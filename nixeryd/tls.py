@@ -19,7 +19,6 @@ import time
 from typing import Any
 
 from OpenSSL import SSL, crypto
-from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import endpoints
 from twisted.logger import Logger
 
@@ -108,8 +107,8 @@ def _certificates(pem: bytes) -> list[crypto.X509]:
     ]
 
 
-def tls_service(description: str, factory: Any, reactor: Any) -> StreamServerEndpointService:
-    """The listening service of an ``ssl:`` endpoint description, with reloading."""
+def tls_endpoint(description: str, reactor: Any) -> endpoints.SSL4ServerEndpoint:
+    """The endpoint of an ``ssl:`` description, whose certificate is reloaded."""
     args, options = endpoints._parse(description)  # type: ignore[attr-defined]
     if len(args) != 2 or not str(args[1]).isdigit():
         raise ConfigError(f"listen {description!r}: expected ssl:<port>:privateKey=<file>:...")
@@ -123,11 +122,10 @@ def tls_service(description: str, factory: Any, reactor: Any) -> StreamServerEnd
     backlog = int(options.pop("backlog", 50))
     if options:
         raise ConfigError(f"listen {description!r}: unsupported {', '.join(sorted(options))}")
-    endpoint = endpoints.SSL4ServerEndpoint(
+    reactor.addSystemEventTrigger("after", "startup", _reload_on_hangup, reactor, contexts)
+    return endpoints.SSL4ServerEndpoint(
         reactor, int(args[1]), contexts, backlog=backlog, interface=interface
     )
-    reactor.addSystemEventTrigger("after", "startup", _reload_on_hangup, reactor, contexts)
-    return StreamServerEndpointService(endpoint, factory)
 
 
 def _reload_on_hangup(reactor: Any, contexts: ReloadingContextFactory) -> None:

@@ -198,3 +198,21 @@ def test_resident_memory_is_read_from_proc() -> None:
     own = resident_memory(os.getpid())
     assert own is not None and own > 1024 * 1024
     assert resident_memory(2**22 + 12345) is None
+
+
+def test_a_replaced_repl_that_ends_late_leaves_its_successors_request_alone() -> None:
+    """A killed repl's end is reported once the reactor reaps it, which may be after its
+    successor took the next request: that request is not the dead repl's to fail."""
+    answered: Deferred[None] = Deferred()
+    evaluator, script, clock = evaluator_with(
+        ReplReply(answer="1"), ReplReply(answer="2", gate=answered), max_age=60
+    )
+    result_of(evaluator.evaluate("one", lambda line: None))
+    old = script.processes[0]
+    old.kill = lambda: setattr(old, "killed", True)  # type: ignore[method-assign]
+    clock.advance(61)
+    second = evaluator.evaluate("two", lambda line: None)
+    assert old.killed and len(script.processes) == 2
+    old.end(137)
+    answered.callback(None)
+    assert result_of(second).stdout == b"2"

@@ -1,10 +1,13 @@
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from klein import Klein
 from treq.testing import StubTreq
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.trial.unittest import SynchronousTestCase
 
 from nixeryd.popularity import Popularity, PopularityLoader, PopularitySource, parse_popularity
 
@@ -66,3 +69,25 @@ def test_a_failed_load_falls_back_and_is_retried(tmp_path: Path) -> None:
     assert len(loaded(source.get())) == 0
     file.write_text('{"x-1": 3}')
     assert len(loaded(source.get())) == 1
+
+
+def test_starting_loads_the_data_and_stopping_abandons_a_load_in_progress() -> None:
+    answered: Deferred[Popularity] = Deferred()
+
+    class Slow:
+        fetches = 0
+
+        def load(self, location: str | None) -> Deferred[Popularity]:
+            Slow.fetches += 1
+            return answered
+
+    source = PopularitySource(cast(Any, Slow()), "https://example.test/popularity.json")
+    events: list[Any] = []
+    source.log = Logger(observer=events.append)
+    source.start()
+    waiting = source.get()
+    assert Slow.fetches == 1 and not waiting.called
+    source.stop()
+    # The build waiting for it goes on without popularity data, and nothing is logged.
+    assert len(SynchronousTestCase().successResultOf(waiting)) == 0
+    assert events == []

@@ -126,11 +126,19 @@ def test_stopping_the_runner_kills_what_runs_with_its_tree(tmp_path: Any) -> Any
         on_stderr_line=lambda line: started.callback(None),
     )
     yield started
-    runner.stop()
-    result: ProcessResult = yield running
-    assert result.signal == signal.SIGKILL
-    assert result.exit_code == 128 + signal.SIGKILL
+    assert runner.running == 1
+    stopped = runner.stop()
+    # Its caller is told at once, as an abandoned command's is: not "killed by SIGKILL".
+    with pytest.raises(CancelledError):
+        yield running
+    yield stopped  # fires once the command is reaped
+    assert runner.running == 0
     assert (yield _gone(int(pid_file.read_text()))), "the grandchild survived the stop"
+    # A command asked for meanwhile (a build that waited for a Nix slot) is not started.
+    with pytest.raises(OSError, match="stopping"):
+        yield runner.run(["true"], timeout=5, on_stderr_line=lambda line: None)
+    with pytest.raises(OSError, match="stopping"):
+        runner.start(["cat"], on_stderr_line=lambda line: None)
 
 
 class _RecordingPool:

@@ -55,4 +55,4 @@ def test_a_certificate_that_does_not_load_stops_start_up(tmp_path: Path) -> None
     with pytest.raises(ConfigError):
         ReloadingContextFactory(str(tmp_path / "other.pem"), str(cert))
     with pytest.raises(ConfigError, match="privateKey"):
-        tls.tls_service("ssl:8443:certKey=x", object(), object())
+        tls.tls_endpoint("ssl:8443:certKey=x", object())

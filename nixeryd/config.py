@@ -180,24 +180,42 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
-_AGE_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
-_AGE_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+#: Go's units and ``d`` for days, for ages (garbage collection's) that run to weeks.
+_AGE_UNITS = {
+    "ns": 1e-9,
+    "us": 1e-6,
+    "µs": 1e-6,
+    "ms": 1e-3,
+    "s": 1.0,
+    "m": 60.0,
+    "h": 3600.0,
+    "d": 86400.0,
+}
+_AGE_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h|d)")
 
 
 def parse_age(text: str) -> float:
     """Seconds of an age such as ``0``, ``90s``, ``36h``, ``7d`` or ``1h30m`` (Go's units,
     and ``d`` for days); ValueError saying what is expected otherwise."""
+    seconds = seconds_in(text, _AGE_PART, _AGE_UNITS)
+    if seconds is None:
+        raise ValueError(f"{text.strip()!r} is not a duration such as 0, 90s, 36h or 7d")
+    if seconds < 0:
+        raise ValueError(f"{text.strip()!r}: a duration cannot be negative")
+    return seconds
+
+
+def seconds_in(text: str, part: re.Pattern[str], units: Mapping[str, float]) -> float | None:
+    """Seconds of a bare number or of a sequence of ``<number><unit>`` (``1h30m``), by
+    ``units``; None if ``text`` is neither. Durations and ages alike are written so."""
     text = text.strip()
     try:
-        seconds = float(text)
+        return float(text)
     except ValueError:
-        parts = _AGE_PART.findall(text)
+        parts = part.findall(text)
         if not parts or "".join(number + unit for number, unit in parts) != text:
-            raise ValueError(f"{text!r} is not a duration such as 0, 90s, 36h or 7d") from None
-        seconds = sum(float(number) * _AGE_UNITS[unit] for number, unit in parts)
-    if seconds < 0:
-        raise ValueError(f"{text!r}: a duration cannot be negative")
-    return seconds
+            return None
+        return sum(float(number) * units[unit] for number, unit in parts)
 
 
 def _budget(text: str) -> int:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nixeryd.config import ConfigError, parse_boolean
+from nixeryd.config import ConfigError, parse_boolean, seconds_in
 
 __all__ = ["Setting", "parse_boolean", "parse_duration", "resolve"]
 
@@ -58,14 +58,9 @@ class Setting:
 def parse_duration(text: str) -> float:
     """Seconds of a Go duration (``5m``, ``1h30m``, ``90s``, ``1.5h``), as Nixery's
     variables such as ``S3_LINK_EXPIRATION`` are written; a bare number is seconds."""
-    text = text.strip()
-    try:
-        seconds = float(text)
-    except ValueError:
-        parts = _DURATION_PART.findall(text)
-        if not parts or "".join(number + unit for number, unit in parts) != text:
-            raise ValueError("must be a duration such as 90s, 5m or 1h30m") from None
-        seconds = sum(float(number) * _DURATION_UNITS[unit] for number, unit in parts)
+    seconds = seconds_in(text, _DURATION_PART, _DURATION_UNITS)
+    if seconds is None:
+        raise ValueError("must be a duration such as 90s, 5m or 1h30m")
     if seconds <= 0:
         raise ValueError("must be longer than 0")
     return seconds

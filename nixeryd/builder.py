@@ -34,6 +34,7 @@ share a layer write it once.
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
@@ -45,6 +46,7 @@ from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from nixeryd.builds import Build, BuildHub, LayerInfo
 from nixeryd.closure import ClosureGraph
 from nixeryd.errors import (
     BuildFailed,
@@ -112,13 +114,16 @@ class ImageBuilder:
         max_closure_bytes: int = 0,
         max_layer_bytes: int = 0,
         metrics: Metrics,
+        builds: BuildHub | None = None,
     ) -> None:
         """``failure_ttl`` is how long a moving source's failed image is answered from
         memory (0: never); ``build_timeout`` bounds one image's evaluation, build and
         layers. ``max_closure_bytes`` and ``max_layer_bytes`` (0: no limit) bound the
         NAR bytes of the image's closure and of each layer, checked before any layer
         is written, so that no storage goes to an image that is refused. What becomes
-        of each image that reaches Nix, and each stage's time, is counted in ``metrics``."""
+        of each image that reaches Nix, and each stage's time, is counted in ``metrics``.
+        Each image resolved, and its stages, go to ``builds`` for the web pages (a hub
+        of its own when not given)."""
         self._nix = nix
         self._source = source
         self._layering = layering
@@ -138,6 +143,7 @@ class ImageBuilder:
         self._max_closure_bytes = max_closure_bytes
         self._max_layer_bytes = max_layer_bytes
         self._metrics = metrics
+        self.builds = builds if builds is not None else BuildHub()
         #: (kind, image, tag or pin, ...) -> (until when, the error answered); oldest first.
         self._failures: OrderedDict[tuple[str, ...], tuple[float, RegistryError]] = OrderedDict()
 
@@ -156,6 +162,7 @@ class ImageBuilder:
                 pin_key, image.platform, image=image.canonical, tag=tag, kind="pin"
             )
             if cached is not None:
+                self._note_cached(image, tag, cached)
                 return replace(cached, pinned=source.pin == tag)
         failure_key = self._failure_key(image, tag, source)
         remembered = self._failures.get(failure_key)
@@ -163,12 +170,16 @@ class ImageBuilder:
             self._failures.move_to_end(failure_key)
             self._metrics.cache("failure", hit=True)
             raise remembered[1]
+        build = self.builds.start(image.canonical, tag, image.platform.name)
+        self.builds.event(build, "nixeryd", f"building {image.canonical}:{tag} ({source.src_type})")
         try:
-            built = yield self._bounded(self._built(image, tag, source, popularity), image)
-        except TooManyRequests:
+            built = yield self._bounded(self._built(image, tag, source, popularity, build), image)
+        except TooManyRequests as error:
             self._metrics.build("refused")
+            self.builds.finish(build, "failed", error=error.as_json()["errors"][0])
             raise  # not the image's failure: the next pull may be admitted
         except RegistryError as error:
+            self.builds.finish(build, "failed", error=error.as_json()["errors"][0])
             self._metrics.build(_result(error))
             self._record_error(image, tag, error)
             # Nix's verdict on the source is remembered; a timeout, or a 5xx (storage
@@ -176,12 +187,24 @@ class ImageBuilder:
             if not isinstance(error, BuildTimedOut) and error.status < 500:
                 self._remember_failure(failure_key, source, error)
             raise
+        except BaseException:
+            error_json = {"code": "UNKNOWN", "message": "internal error; see the daemon's log"}
+            self.builds.finish(build, "failed", error=error_json)
+            raise
         if pin_key is not None:
             yield self._manifests.remember(
                 pin_key, built, image=image.canonical, tag=tag, kind="pin"
             )
             return replace(built, pinned=source.pin == tag)
         return built
+
+    def _note_cached(self, image: ImageTarget, tag: str, cached: BuiltImage) -> None:
+        """An image answered from a cache, for its page: once per manifest, not per pull."""
+        digest = cached.manifests["docker"].digest
+        latest = self.builds.latest(image.canonical, tag)
+        if latest is None or latest.manifest != digest:
+            build = self.builds.start(image.canonical, tag, image.platform.name)
+            self.builds.finish(build, "cached", manifest=digest, layers=_layers_of(cached))
 
     def _bounded(self, build: Deferred[BuiltImage], image: ImageTarget) -> Deferred[BuiltImage]:
         """``build``, cancelled (and its Nix killed) once it has run ``build_timeout``."""
@@ -239,12 +262,19 @@ class ImageBuilder:
 
     @inlineCallbacks
     def _built(
-        self, image: ImageTarget, tag: str, source: SourceRef, popularity: Popularity
+        self,
+        image: ImageTarget,
+        tag: str,
+        source: SourceRef,
+        popularity: Popularity,
+        build: Build,
     ) -> Any:
         """The image evaluated from ``source``, built unless its outputs were built before."""
         evaluating = self._clock.seconds()
         packages: list[ResolvedPackage] = yield self._nix.resolve(source, image)
-        self._metrics.stage("evaluation", self._clock.seconds() - evaluating)
+        seconds = self._clock.seconds() - evaluating
+        self._metrics.stage("evaluation", seconds)
+        self.builds.event(build, "nixeryd", f"evaluation done in {seconds:.2f} s")
         outputs = sorted(package.out_path for package in packages)
         eval_key = self._manifest_key("eval", image.canonical, "\n".join(outputs), popularity)
         built = yield self._manifests.cached(
@@ -252,7 +282,7 @@ class ImageBuilder:
         )
         if built is None:
             started = self._clock.seconds()
-            built = yield self._build(image, packages, popularity)
+            built, layers = yield self._build(image, packages, popularity, build)
             yield self._manifests.remember(
                 eval_key, built, image=image.canonical, tag=tag, kind="eval"
             )
@@ -265,6 +295,14 @@ class ImageBuilder:
                 seconds=seconds,
             )
             self._on_built(image.canonical, tag, built.manifests["docker"].digest, seconds)
+            self.builds.finish(
+                build, "built", manifest=built.manifests["docker"].digest, layers=layers
+            )
+        else:
+            self.builds.event(build, "nixeryd", "the evaluated outputs were built before")
+            self.builds.finish(
+                build, "cached", manifest=built.manifests["docker"].digest, layers=_layers_of(built)
+            )
         return built
 
     def _manifest_key(self, kind: str, image: str, identity: str, popularity: Popularity) -> str:
@@ -285,8 +323,13 @@ class ImageBuilder:
 
     @inlineCallbacks
     def _build(
-        self, image: ImageTarget, packages: Sequence[ResolvedPackage], popularity: Popularity
+        self,
+        image: ImageTarget,
+        packages: Sequence[ResolvedPackage],
+        popularity: Popularity,
+        build: Build,
     ) -> Any:
+        """The image built and stored, and its layers for the web pages."""
         timings: dict[str, float] = {}
         mark = self._clock.seconds()
 
@@ -295,6 +338,7 @@ class ImageBuilder:
             now = self._clock.seconds()
             timings[step] = now - mark
             self._metrics.stage(step, now - mark)
+            self.builds.event(build, "nixeryd", f"{step} done in {now - mark:.2f} s")
             mark = now
 
         gc_roots = yield self._nix.realise(packages, image)
@@ -328,7 +372,12 @@ class ImageBuilder:
                 layers=len(descriptors),
                 timings=", ".join(f"{step} {seconds:.2f}s" for step, seconds in timings.items()),
             )
-            return built
+            stored = [*(layer.paths for layer in layers), ()]  # the symlink forest's last
+            infos = [
+                LayerInfo(descriptor.digest, descriptor.size, paths)
+                for descriptor, paths in zip(descriptors, stored, strict=True)
+            ]
+            return built, infos
         finally:
             self._nix.release(gc_roots)
 
@@ -368,6 +417,12 @@ class ImageBuilder:
                 f"{len(placed)} paths for a closure of {len(closure.paths)} paths and a budget "
                 f"of {self._budget - 1}; this is a bug in the strategy"
             )
+
+
+def _layers_of(image: BuiltImage) -> list[LayerInfo]:
+    """The layers an image's docker manifest lists (their store paths are not in it)."""
+    manifest = json.loads(image.manifests["docker"].data)
+    return [LayerInfo(layer["digest"], layer["size"], None) for layer in manifest["layers"]]
 
 
 def _result(error: RegistryError) -> str:

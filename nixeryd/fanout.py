@@ -51,6 +51,11 @@ class PlatformFanOut:
         #: (platform image, tag) -> until when it is left out of its index; oldest first.
         self._unbuildable: OrderedDict[tuple[str, str], float] = OrderedDict()
 
+    @property
+    def platforms(self) -> tuple[Platform, ...]:
+        """The configured platforms, in order."""
+        return self._platforms
+
     @inlineCallbacks
     def tagged(self, image: ImageName, tag: str) -> Any:
         """What ``image:tag`` stands for (a :class:`TaggedImage`), built if needed."""

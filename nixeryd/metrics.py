@@ -47,7 +47,10 @@ from nixeryd.storage import Blob, BlobAnswer, BlobInfo, RecordInfo, StagedBlob, 
 T = TypeVar("T")
 
 #: The route templates requests are counted by.
-ROUTES = ("manifest", "blob", "tags", "v2", "token", "metrics", "index", "other")
+ROUTES = (
+    "manifest", "blob", "tags", "v2", "token", "metrics", "index", "image_page", "build_page",
+    "build_events", "other",
+)  # fmt: skip
 #: Methods counted by name; any other is ``other`` (a client chooses the method).
 METHODS = frozenset((b"GET", b"HEAD", b"POST", b"PUT", b"PATCH", b"DELETE", b"OPTIONS"))
 #: Build stages timed, in the order an image goes through them (see nixeryd.builder).
@@ -96,6 +99,10 @@ def route_of(path: bytes) -> str:
         return "v2"
     if path == b"/":
         return "index"
+    if path.startswith(b"/images/") or path == b"/images":
+        return "image_page"
+    if path.startswith(b"/builds/"):
+        return "build_events" if path.endswith(b"/events") else "build_page"
     if path == b"/metrics":
         return "metrics"
     if path == b"/token":

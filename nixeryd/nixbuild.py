@@ -16,7 +16,8 @@ measures: every line at debug level, and at info only what says what happens
 (how many derivations will be built, paths fetched, the first warnings) and how
 each step ended; a nixpkgs image prints a line per derivation, a thousand for
 a small one. Every line is also kept in the image's :class:`BuildLog`, which
-the index page serves for a failed build.
+the index page serves for a failed build, and handed to ``on_line`` as it
+arrives (the build hub of :mod:`nixeryd.builds`, which the web pages stream).
 """
 
 from __future__ import annotations
@@ -213,8 +214,16 @@ class _StepOutput:
     """One Nix invocation's stderr, line by line: all of it to the image's build log
     and the debug log; its plan and first warnings at info; counts for its summary."""
 
-    def __init__(self, log: Logger, image: str, step: str, build_log: BuildLog) -> None:
+    def __init__(
+        self,
+        log: Logger,
+        image: str,
+        step: str,
+        build_log: BuildLog,
+        on_line: Callable[[str, str, str], None] | None,
+    ) -> None:
         self._log = log
+        self._on_line = on_line
         self._image = image
         self._step = step
         self._build_log = build_log
@@ -228,6 +237,8 @@ class _StepOutput:
         self._build_log.add(self._step, line)
         self._log.debug("{image} {step}: {line}", image=self._image, step=self._step, line=line)
         text = _ANSI.sub("", line).strip()
+        if self._on_line is not None:
+            self._on_line(self._image, self._step, _ANSI.sub("", line).rstrip())
         if text.startswith("building '"):
             self.builds += 1
         elif text.startswith("copying path '"):
@@ -281,6 +292,7 @@ class Nix:
         unpinned_reuse: float = 0.0,
         slots: NixSlots | None = None,
         run_in_thread: ThreadRunner | None = None,
+        on_line: Callable[[str, str, str], None] | None = None,
     ) -> None:
         """``builder_timeout`` (``NIX_TIMEOUT``) is how long one Nix builder may run and
         may be silent; ``step_timeout`` bounds each Nix invocation as a whole (the
@@ -301,8 +313,12 @@ class Nix:
         With ``run_in_thread``, each build's garbage collector root directory is
         made and removed in a worker thread: on a disk busy with layer writes, a
         directory operation on the reactor thread stalled cached answers for
-        milliseconds."""
+        milliseconds.
+
+        ``on_line`` is called with the image (canonical), the step and each line Nix
+        prints, as it arrives."""
         self._processes = processes
+        self._on_line = on_line
         self._nixpkgs_config = None if nixpkgs_config is None else dict(nixpkgs_config)
         self._overlays = tuple(overlays)
         self._builder_timeout = builder_timeout
@@ -365,7 +381,7 @@ class Nix:
     ) -> Any:
         """Run one step, ``start(on_line)`` firing with its :class:`ProcessResult`;
         fire with its stdout, or fail with the registry error its output calls for."""
-        output = _StepOutput(self.log, image, step, self._log_for(image))
+        output = _StepOutput(self.log, image, step, self._log_for(image), self._on_line)
         try:
             if self._slots is None:
                 result: ProcessResult = yield start(output)

@@ -3,15 +3,17 @@
 Routes map to the builder and storage; every failure is a registry error
 rendered as ``{"errors": [...]}`` JSON with the spec's code, never a
 traceback. The README's "Remote clients" and "Errors" sections say what clients get.
+
+The web pages (``/``, ``/images/...``, ``/builds/...``; :mod:`nixeryd.web`
+renders them) are routed here too, behind the same authentication; their
+errors are the same registry errors, as an HTML page for a browser.
 """
 
 from __future__ import annotations
 
 import hashlib
-import html
 import json
 import re
-import time
 from collections import OrderedDict
 from typing import Any, cast
 from urllib.parse import urlencode
@@ -21,14 +23,16 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import IResource, Resource
-from twisted.web.server import Request
+from twisted.web.server import NOT_DONE_YET, Request
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 from werkzeug.routing import RequestRedirect
 
+from nixeryd import web
 from nixeryd.answers import SERVER, Answers, render
 from nixeryd.auth import Gate, Identity, gated
 from nixeryd.blobserving import blob_headers
 from nixeryd.builder import ImageBuilder
+from nixeryd.builds import LogLine
 from nixeryd.errors import (
     BlobUnknown,
     DigestInvalid,
@@ -92,11 +96,14 @@ class RegistryApp:
         *,
         metrics_page: IResource | None = None,
         build_limit: ClientBuckets | None = None,
+        source_description: str = "",
     ) -> None:
         """``gate`` is the site's authentication policy; None: no authentication.
         ``metrics_page`` is served at ``/metrics``; None: not here (another listener
         serves it, or nothing does). ``build_limit`` rations each client's requests
-        for tags not yet served (see :mod:`nixeryd.ratelimit`); None: no limit."""
+        for tags not yet served (see :mod:`nixeryd.ratelimit`); None: no limit.
+        ``source_description`` names the package set on the index page."""
+        self._source_description = source_description
         self._images = images
         self.metrics = metrics
         self._metrics_page = metrics_page
@@ -143,17 +150,98 @@ class RegistryApp:
 
     @app.route("/", methods=["GET", "HEAD"])
     def index(self, request: Request) -> bytes:
-        request.setHeader(b"Content-Type", b"text/html; charset=utf-8")
-        host = html.escape((request.getHeader(b"host") or b"localhost").decode("latin-1"))
-        errors = "".join(
-            f"<li><code>{html.escape(e.image)}:{html.escape(e.tag)}</code> "
-            f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(e.when))} UTC"
-            + (f' (<a href="/errors/{e.number}/log">full log</a>)' if e.log is not None else "")
-            + f"<pre>{html.escape(e.message)}</pre></li>"
-            for e in reversed(self._builder.recent_errors)
+        document = web.index_document(
+            self._builder.builds,
+            _host(request),
+            request.isSecure(),
+            self._source_description,
+            self._images.platforms,
+            self._builder.recent_errors,
         )
-        page = _INDEX.format(host=host, errors=errors or "<li>none</li>")
-        return page.encode()
+        if _wants_json(request):
+            return _json(request, document)
+        return _html(request, web.render_index(document))
+
+    @app.route("/images", methods=["GET", "HEAD"])
+    def open_image(self, request: Request) -> bytes:
+        """The index page's form: to the image page of the name typed."""
+        name = (_arg(request, b"name") or "").strip().strip("/")
+        repository, colon, tag = name.partition(":")
+        parse_image_name(repository)
+        if colon and not is_valid_tag(tag):
+            raise TagInvalid(f"{tag!r} is not a valid tag")
+        request.redirect(f"/images/{name}".encode())
+        return b""
+
+    @app.route("/images/<path:reference>", methods=["GET", "HEAD"])
+    def image_page(self, request: Request, reference: str) -> bytes:
+        """An image name (and tag, ``latest`` if none) on every platform it stands for."""
+        name, colon, tag = reference.partition(":")
+        tag = tag if colon else "latest"
+        if not is_valid_tag(tag):
+            raise TagInvalid(f"{tag!r} is not a valid tag")
+        canonicals = [
+            target.canonical for target in parse_image_name(name).targets(self._images.platforms)
+        ]
+        hub = self._builder.builds
+        document = web.image_document(
+            hub, name, tag, canonicals, _host(request), request.isSecure()
+        )
+        if _wants_json(request):
+            return _json(request, document)
+        builds = {}
+        for entry in document["platforms"]:
+            if entry["build"] is not None:
+                build = hub.build(entry["build"]["id"])
+                assert build is not None
+                builds[build.id] = web.build_document(build)
+        return _html(request, web.render_image(document, builds))
+
+    @app.route("/builds/<int:number>", methods=["GET", "HEAD"])
+    def build_page(self, request: Request, number: int) -> bytes:
+        """One build, its whole log kept, live while it runs."""
+        build = self._builder.builds.build(number)
+        if build is None:
+            raise BuildUnknown(f"build #{number} is not kept; the index page lists those that are")
+        document = web.build_document(build)
+        if _wants_json(request):
+            return _json(request, document)
+        return _html(request, web.render_build(document))
+
+    @app.route("/builds/<int:number>/events", methods=["GET"])
+    def build_events(self, request: Request, number: int) -> Any:
+        """A build's log as Server-Sent Events, each line with its number as its id, from
+        after ``Last-Event-ID`` (or ``?after=``), then a ``result`` event."""
+        build = self._builder.builds.build(number)
+        if build is None:
+            raise BuildUnknown(f"build #{number} is not kept; the index page lists those that are")
+        after = _last_event_id(request)
+        request.setHeader(b"Content-Type", b"text/event-stream")
+        request.setHeader(b"Cache-Control", b"no-store")
+        # Proxies (nginx) would otherwise hold the stream back.
+        request.setHeader(b"X-Accel-Buffering", b"no")
+        request.write(b"retry: 2000\n\n")
+        for line in build.since(after):
+            request.write(web.event_stream_entry("line", line.as_json(), line.number))
+
+        def result() -> None:
+            if not request.finished and not request._disconnected:
+                request.write(web.event_stream_entry("result", web.build_summary(build)))
+                request.finish()
+
+        if build.finished:
+            result()
+            return NOT_DONE_YET
+
+        def sent(line: LogLine | None) -> None:
+            if line is None:
+                result()
+            elif not request._disconnected:
+                request.write(web.event_stream_entry("line", line.as_json(), line.number))
+
+        stop = build.listen(sent)
+        request.notifyFinish().addBoth(lambda _: stop())
+        return NOT_DONE_YET
 
     @app.route("/errors/<int:number>/log", methods=["GET", "HEAD"])
     def error_log(self, request: Request, number: int) -> bytes:
@@ -452,7 +540,34 @@ class RegistryApp:
         request.setResponseCode(error.status)
         for header, value in getattr(error, "headers", ()):
             request.setHeader(header, value)
-        return _json(request, error.as_json())
+        document = error.as_json()
+        if not request.path.startswith(b"/v2/"):
+            if _wants_json(request):
+                return _json(request, document)
+            return _html(request, web.render_error(error.status, document["errors"][0]))
+        self._name_build_page(request, document["errors"][0])
+        return _json(request, document)
+
+    def _name_build_page(self, request: Request, error: dict[str, Any]) -> None:
+        """A failed pull of a tag that was built here names the page with its log: in
+        the detail for scripts, at the end of the message for people (clients show it)."""
+        name, found, tag = request.path.decode("utf-8")[4:].rpartition("/manifests/")
+        if not found or ":" in tag:
+            return
+        try:
+            targets = parse_image_name(name).targets(self._images.platforms)
+        except RegistryError:
+            return
+        hub = self._builder.builds
+        if not any(hub.latest(target.canonical, tag) for target in targets):
+            return
+        scheme = "https" if request.isSecure() else "http"
+        page = f"{scheme}://{_host(request)}{web.image_path(name, tag)}"
+        error["message"] += f"\n(build log: {page})"
+        detail = error.get("detail")
+        if detail is None or isinstance(detail, dict):
+            # A copy: the error's own detail is answered again (a remembered failure).
+            error["detail"] = {**(detail or {}), "buildPage": page}
 
     @app.handle_errors(NotFound)
     def not_found(self, request: Request, failure: Failure) -> bytes:
@@ -483,6 +598,35 @@ def _json(request: Request, document: Any) -> bytes:
     request.setHeader(b"Content-Type", b"application/json")
     request.setHeader(b"Content-Length", str(len(body)).encode())
     return body
+
+
+def _html(request: Request, page: bytes) -> bytes:
+    request.setHeader(b"Content-Type", b"text/html; charset=utf-8")
+    request.setHeader(b"Content-Length", str(len(page)).encode())
+    return page
+
+
+def _wants_json(request: Request) -> bool:
+    return web.wants_json(request.args, request.getHeader(b"accept"))
+
+
+def _host(request: Request) -> str:
+    """The host the request came in on, for the pull commands a page shows (escaped
+    there, like all request text)."""
+    return (request.getHeader(b"host") or b"localhost").decode("latin-1")
+
+
+def _last_event_id(request: Request) -> int:
+    """Where an event stream resumes: after the line numbered by ``Last-Event-ID``
+    (EventSource's reconnection) or ``?after=`` (a page holding lines up to it)."""
+    given = request.getHeader(b"last-event-id") or (_arg(request, b"after") or "").encode()
+    text = given.decode("latin-1").strip()
+    return int(text) if text.isascii() and text.isdigit() and len(text) <= 18 else 0
+
+
+class BuildUnknown(RegistryError):
+    code = "NAME_UNKNOWN"
+    status = 404
 
 
 def _not_an_endpoint(request: Request) -> bytes:
@@ -561,23 +705,3 @@ class _WithApiVersion(Resource):
         if answer is not None:
             return answer
         return self._wrapped.render(request)
-
-
-_INDEX = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>nixeryd</title>
-<style>body{{font-family:sans-serif;max-width:50em;margin:2em auto;line-height:1.5}}
-pre,code{{background:#f4f4f4}}pre{{padding:.5em;white-space:pre-wrap}}</style></head>
-<body><h1>nixeryd</h1>
-<p>A container registry that builds images on demand with Nix. The image name is the list
-of packages it holds:</p>
-<pre>docker pull {host}/shell/hello
-podman pull --tls-verify=false {host}/shell/hello
-skopeo copy --src-tls-verify=false docker://{host}/shell/hello oci:hello:latest</pre>
-<p><code>shell</code> at the front adds an interactive shell and core utilities;
-<code>arm64</code> at the front builds for linux/arm64 alone; without it, a client
-that takes a multi-platform index picks its platform from every configured one
-(<code>docker pull --platform linux/arm64</code>). Nested package attributes are written
-with dots (<code>tools.greeter</code>).</p>
-<h2>Recent build errors</h2><ul>{errors}</ul>
-</body></html>
-"""

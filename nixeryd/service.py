@@ -32,6 +32,7 @@ from twisted.web.resource import IResource
 from nixeryd.accesslog import AccessLog
 from nixeryd.auth import Gate
 from nixeryd.builder import ImageBuilder
+from nixeryd.builds import BuildHub
 from nixeryd.config import Config, ConfigError
 from nixeryd.evaluator import EvaluatorLimits, EvaluatorPool, Repl
 from nixeryd.fanout import PlatformFanOut
@@ -52,6 +53,7 @@ from nixeryd.runtime import Runtime
 from nixeryd.site import RegistrySite
 from nixeryd.systemd import Notifier, Watchdog
 from nixeryd.tls import tls_endpoint
+from nixeryd.web import describe_source
 
 log = Logger()
 
@@ -136,6 +138,7 @@ def make_registry(
         evaluators = EvaluatorPool(repl)
     # One Nix command per core, by the layer writers' rule: more would only interleave.
     slots = NixSlots(layer_pool_size(config.nix_jobs), config.nix_queue)
+    builds = BuildHub()
     metrics.watch_nix(lambda: slots.running, lambda: slots.waiting)
     gc_roots = ProcessRoots(config.gc_roots_dir)
     nix = Nix(
@@ -150,6 +153,7 @@ def make_registry(
         unpinned_reuse=config.evaluator_unpinned_ttl,
         slots=slots,
         run_in_thread=run_in_thread,
+        on_line=builds.line,
     )
     # Roots a killed daemon left would keep its store paths from Nix's GC for good; this
     # daemon's own are dropped once the steps after this one have stopped its Nix.
@@ -189,6 +193,7 @@ def make_registry(
         max_closure_bytes=config.max_closure_size * 1024 * 1024,
         max_layer_bytes=config.max_layer_size * 1024 * 1024,
         metrics=metrics,
+        builds=builds,
     )
     images = PlatformFanOut(builder.image, manifests, config.platforms, reactor)
     log.info(
@@ -209,7 +214,15 @@ def make_registry(
         build_limit = ClientBuckets(config.build_rate, reactor)
         log.info("new image names per client: {rate}", rate=config.build_rate)
     return RegistryApp(
-        images, builder, storage, source, metrics, gate, metrics_page=page, build_limit=build_limit
+        images,
+        builder,
+        storage,
+        source,
+        metrics,
+        gate,
+        metrics_page=page,
+        build_limit=build_limit,
+        source_description=describe_source(config),
     )
 
 

@@ -1,8 +1,9 @@
 """End-to-end fixtures: real ``nixeryd serve`` processes over the test package set.
 
 Every end-to-end test runs once per Nix installation found (``tests/nixinstalls.py``):
-Debian's Nix 2.8 and a current one. The client matrix runs on the newest alone: what it
-checks is the registry's answers, which do not depend on the Nix that built the image.
+Debian's Nix 2.8 and a current one. The client matrix and the browser tests run on the
+newest alone: what they check is the registry's answers and pages, which do not depend on
+the Nix that built the image.
 """
 
 from __future__ import annotations
@@ -30,7 +31,10 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     found = installations()
     if not found:
         return  # the tests that need Nix say so themselves
-    if metafunc.definition.get_closest_marker("clients") is not None:
+    if any(
+        metafunc.definition.get_closest_marker(marker) is not None
+        for marker in ("clients", "browser")
+    ):
         found = found[-1:]
     metafunc.parametrize(
         "nix_installation",

@@ -24,6 +24,9 @@
 #   slow                  sleeps 30 s. It has no unique input, so it is cached once it
 #                         finishes: timeout tests run with a short NIX_TIMEOUT, which kills
 #                         the build before that (Nix never registers a killed build).
+#   ticker                prints "ticker: tick N" twice a second for 30 s: a build whose log
+#                         grows while it runs (the web page tests stop it with a short
+#                         NIXERYD_BUILD_TIMEOUT, so it is never registered)
 #   big                   share/big/data.bin: 2 MiB of incompressible, deterministic
 #                         bytes (awk's seeded rand()); nothing depends on it
 #   notAPackage           { foo = 1; }: not a derivation, so "missing"
@@ -170,6 +173,20 @@ in
     script = ''
       echo "slow: sleeping 30 s"
       sleep 30
+      echo done > "$out/done"
+    '';
+  };
+
+  ticker = mkPackage {
+    name = "ticker";
+    version = "1.0";
+    script = ''
+      i=0
+      while [ $i -lt 60 ]; do
+        i=$((i + 1))
+        echo "ticker: tick $i"
+        sleep 0.5
+      done
       echo done > "$out/done"
     '';
   };

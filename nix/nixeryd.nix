@@ -21,6 +21,9 @@
 #   nixeryd = import nix/nixeryd.nix { srcType = "path"; srcArgs = "{\"path\":\"/abs/dir\"}"; }
 #   builtins.toJSON (nixeryd.resolve { packages = "[\"hello\"]"; })
 #
+# and `search { query; }`: the package search's SEARCH REPORT (below); the one-shot form
+# is `--argstr search QUERY` in place of `packages`.
+#
 # That result also has `attrPath NAME`: the attribute path NAME selects by the rule
 # below ("python3packages.numpy" -> "python3Packages.numpy"), or null, without
 # evaluating the attribute, so that tens of thousands of names are checked in seconds
@@ -54,6 +57,7 @@
 #                       tarball: {"url": U, "sha256"?: H}  -> builtins.fetchTarball
 #   packages          JSON list of requested names (strings); absent: return `resolve`
 #   optionalPackages  JSON list of names added when the package set has them (default [])
+#   search            a query: return the SEARCH REPORT instead of resolving packages
 #   system            the target system, e.g. "aarch64-linux" (default builtins.currentSystem)
 #
 #   nixpkgsConfig     JSON object of nixpkgs configuration set by nixeryd's options, or
@@ -97,6 +101,12 @@
 # prints any attribute set that has an outPath attribute as that string alone
 # (--json, builtins.toJSON), so {"outPath": …, "drvPath": …} would come out as "/nix/store/…".
 #
+# SEARCH REPORT: the package set's top-level attribute names that contain the query
+# (a regular expression the caller quotes; names are lower-cased first), sorted, at
+# most 50: [{"attrPath": N, "description": D or null, "derivation": bool}]. Only the
+# matching attributes are evaluated, each in a tryEval, so that a throwing alias (nixpkgs
+# has hundreds) is listed without a description rather than failing the search.
+#
 # Errors are not caught: a package that fails to evaluate (a `throw`, an assertion,
 # nixpkgs' broken/unfree checks) makes nix-instantiate exit non-zero with Nix's own
 # message on stderr, e.g. "error: nixeryd-test: this package fails to evaluate".
@@ -105,6 +115,7 @@
 { srcType
 , srcArgs
 , packages ? null
+, search ? null
 , optionalPackages ? "[]"
 , system ? builtins.currentSystem
 , nixpkgsConfig ? "null"
@@ -225,6 +236,24 @@ let
       drv = found.value;
     } else null;
 
+  searchReport = query:
+    let
+      matching = filter (n: builtins.match ".*${query}.*" (toLower n) != null) (attrNames pkgs);
+      shown = builtins.genList (builtins.elemAt matching) (
+        if builtins.length matching < 50 then builtins.length matching else 50);
+      described = n:
+        let
+          value = builtins.tryEval (isDerivation pkgs.${n});
+          text = builtins.tryEval (
+            let d = pkgs.${n}.meta.description or null; in if isString d then d else null);
+        in {
+          attrPath = n;
+          derivation = value.success && value.value;
+          description = if value.success && value.value && text.success then text.value else null;
+        };
+    in
+    map described shown;
+
   # The report for one image: which requested names are missing, or the derivations.
   report = packages: optionalPackages:
     let
@@ -255,8 +284,10 @@ let
           selected;
     };
 in
-if packages == null then {
+if search != null then searchReport search
+else if packages == null then {
   resolve = { packages, optionalPackages ? "[]" }: report packages optionalPackages;
+  search = { query }: searchReport query;
   attrPath = name: let found = lookup name; in
     if found == null then null else concatStringsSep "." found.path;
 } else report packages optionalPackages

@@ -49,7 +49,7 @@ T = TypeVar("T")
 #: The route templates requests are counted by.
 ROUTES = (
     "manifest", "blob", "tags", "v2", "token", "metrics", "index", "image_page", "build_page",
-    "build_events", "other",
+    "build_events", "search", "other",
 )  # fmt: skip
 #: Methods counted by name; any other is ``other`` (a client chooses the method).
 METHODS = frozenset((b"GET", b"HEAD", b"POST", b"PUT", b"PATCH", b"DELETE", b"OPTIONS"))
@@ -101,6 +101,8 @@ def route_of(path: bytes) -> str:
         return "index"
     if path.startswith(b"/images/") or path == b"/images":
         return "image_page"
+    if path == b"/search":
+        return "search"
     if path.startswith(b"/builds/"):
         return "build_events" if path.endswith(b"/events") else "build_page"
     if path == b"/metrics":

@@ -177,6 +177,10 @@ def _is_nix_progress(line: str) -> bool:
     )
 
 
+#: The key of the package search's log among the images' (:meth:`Nix.search`).
+SEARCH_LOG = "package search"
+
+
 class BuildLog:
     """Every line Nix printed for one image's latest evaluation and build, in order.
 
@@ -520,6 +524,34 @@ class Nix:
             "--argstr", "nixpkgsConfig", json.dumps(self._nixpkgs_config, sort_keys=True),
             "--argstr", "overlays", json.dumps(list(self._overlays)),
         ]  # fmt: skip
+
+    @inlineCallbacks
+    def search(self, source: SourceRef, system: str, query: str) -> Any:
+        """The package set's top-level attributes whose lower-cased names contain
+        ``query`` (letters, digits, ``.``, ``_``, ``-``; see :mod:`nixeryd.search`), at
+        most 50, each a dict with ``attrPath``, ``description`` and ``derivation``."""
+        pattern = query.replace(".", "[.]")
+        self._new_build_log(SEARCH_LOG)
+        evaluator = self._evaluator(source, system, (source.src_type, _source_json(source), system))
+        if evaluator is None:
+            stdout = yield self._run(
+                [*self._instantiate_argv(source, system), "--argstr", "search", pattern],
+                SEARCH_LOG,
+                "search",
+            )
+        else:
+            expression = f"builtins.toJSON (nixeryd.search {{ query = {nix_string(pattern)}; }})"
+            stdout = yield self._step(
+                lambda output: evaluator.evaluate(expression, output),
+                "nix repl",
+                SEARCH_LOG,
+                "search",
+            )
+        try:
+            found = json.loads(stdout)
+        except ValueError as error:
+            raise BuildFailed(f"the package search gave no JSON: {error}") from error
+        return found
 
     @inlineCallbacks
     def realise(self, packages: Sequence[ResolvedPackage], image: ImageTarget) -> Any:

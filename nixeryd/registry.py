@@ -49,6 +49,7 @@ from nixeryd.manifest import MANIFEST_MEDIA_TYPES, OCI_INDEX, choose
 from nixeryd.manifeststore import blobs_named
 from nixeryd.metrics import Metrics
 from nixeryd.ratelimit import ClientBuckets
+from nixeryd.search import PackageSearch
 from nixeryd.singleflight import SingleFlight
 from nixeryd.sources import PackageSource
 from nixeryd.storage import SMALL_BLOB_SIZE, BlobInfo, Redirect, Storage
@@ -97,13 +98,16 @@ class RegistryApp:
         metrics_page: IResource | None = None,
         build_limit: ClientBuckets | None = None,
         source_description: str = "",
+        search: PackageSearch | None = None,
     ) -> None:
         """``gate`` is the site's authentication policy; None: no authentication.
         ``metrics_page`` is served at ``/metrics``; None: not here (another listener
         serves it, or nothing does). ``build_limit`` rations each client's requests
         for tags not yet served (see :mod:`nixeryd.ratelimit`); None: no limit.
-        ``source_description`` names the package set on the index page."""
+        ``source_description`` names the package set on the index page; ``search``
+        answers the package search page (None: no search)."""
         self._source_description = source_description
+        self._search = search
         self._images = images
         self.metrics = metrics
         self._metrics_page = metrics_page
@@ -161,6 +165,22 @@ class RegistryApp:
         if _wants_json(request):
             return _json(request, document)
         return _html(request, web.render_index(document))
+
+    @app.route("/search", methods=["GET", "HEAD"])
+    @inlineCallbacks
+    def search_page(self, request: Request) -> Any:
+        """Packages whose attribute names contain ``?q=``, in ``?tag=``'s package set."""
+        if self._search is None:
+            return _not_an_endpoint(request)
+        query = (_arg(request, b"q") or "").strip().lower()
+        tag = _arg(request, b"tag") or "latest"
+        if not is_valid_tag(tag):
+            raise TagInvalid(f"{tag!r} is not a valid tag")
+        results = (yield self._search.search(query, tag)) if query else []
+        document = web.search_document(query, tag, results, _host(request), request.isSecure())
+        if _wants_json(request):
+            return _json(request, document)
+        return _html(request, web.render_search(document))
 
     @app.route("/images", methods=["GET", "HEAD"])
     def open_image(self, request: Request) -> bytes:

@@ -50,6 +50,7 @@ from nixeryd.process import ProcessRunner, ReactorProcessRunner
 from nixeryd.ratelimit import ClientBuckets
 from nixeryd.registry import RegistryApp
 from nixeryd.runtime import Runtime
+from nixeryd.search import PackageSearch
 from nixeryd.site import RegistrySite
 from nixeryd.systemd import Notifier, Watchdog
 from nixeryd.tls import tls_endpoint
@@ -223,6 +224,7 @@ def make_registry(
         metrics_page=page,
         build_limit=build_limit,
         source_description=describe_source(config),
+        search=PackageSearch(nix, source, config.platforms[0], reactor),
     )
 
 

@@ -181,6 +181,25 @@ def build_document(build: Build) -> dict[str, Any]:
     return document
 
 
+def search_document(
+    query: str, tag: str, results: Sequence[Mapping[str, Any]], host: str, secure: bool
+) -> dict[str, Any]:
+    return {
+        "query": query,
+        "tag": tag,
+        "results": [
+            {
+                **result,
+                "page": None if result["image"] is None else image_path(result["image"], tag),
+                "pull": None
+                if result["image"] is None
+                else pull_commands(host, f"{result['image']}:{tag}", secure)["docker"],
+            }
+            for result in results
+        ],
+    }
+
+
 def event_stream_entry(event: str, data: Any, number: int | None = None) -> bytes:
     """One Server-Sent Event: ``data`` as one line of JSON (so no line breaks to split)."""
     head = f"id: {number}\n" if number is not None else ""
@@ -259,6 +278,8 @@ shell and core utilities.</p>
 <p><code>shell</code> at the front adds an interactive shell and core utilities;
 <code>arm64</code> at the front builds for linux/arm64 alone. Nested package attributes are
 written with dots (<code>tools.greeter</code>).</p></section>
+<section aria-labelledby=find><h2 id=find>Search packages</h2>
+{_search_form("")}</section>
 <section aria-labelledby=open><h2 id=open>Open an image</h2>
 <form action=/images method=get class=open><label for=name>Image name</label>
 <input id=name name=name required placeholder="shell/hello" autocapitalize=none
@@ -387,6 +408,47 @@ def render_build(document: Mapping[str, Any]) -> bytes:
         f"{_e(document['name'])}:{_e(document['tag'])}</a></h1>{_log_section(document)}"
     )
     return _page(f"build #{document['id']} · nixeryd", body, script=_SCRIPT)
+
+
+def _search_form(query: str) -> str:
+    return (
+        "<form action=/search method=get class=open role=search><label for=q>Package</label>"
+        f'<input id=q name=q required value="{_e(query)}" placeholder=hello autocapitalize=none '
+        "spellcheck=false><button type=submit>Search</button></form>"
+    )
+
+
+def render_search(document: Mapping[str, Any]) -> bytes:
+    query = document["query"]
+    rows = "".join(
+        "<tr><td>"
+        + (
+            f'<a href="{_e(result["page"])}">{_e(result["attrPath"])}</a>'
+            if result["page"]
+            else f"{_e(result['attrPath'])} (a set of packages: pull one inside it, "
+            f"such as <code>{_e(result['attrPath'].lower())}.name</code>)"
+        )
+        + f"</td><td>{_e(result['description'] or '')}</td>"
+        + f"<td>{'<code>' + _e(result['pull']) + '</code>' if result['pull'] else ''}</td></tr>"
+        for result in document["results"]
+    )
+    if rows:
+        found = (
+            f'<div class=scroll tabindex=0 role=region aria-label="Packages found">'
+            f"<table><caption>Packages whose names contain {_e(query)}</caption><thead><tr>"
+            "<th scope=col>Attribute</th><th scope=col>Description</th>"
+            f"<th scope=col>Pull</th></tr></thead><tbody>{rows}</tbody></table></div>"
+        )
+    elif query:
+        found = f"<p>No package name contains <code>{_e(query)}</code>.</p>"
+    else:
+        found = ""
+    body = (
+        f"<h1>Search packages</h1>{_search_form(query)}"
+        "<p>Top-level attribute names of the package set; at most 50 are shown.</p>"
+        f"{found}"
+    )
+    return _page(f"{query or 'search'} · nixeryd", body)
 
 
 def render_error(status: int, error: Mapping[str, Any]) -> bytes:

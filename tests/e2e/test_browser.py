@@ -145,6 +145,19 @@ def test_the_index_names_the_host_and_lists_builds(web_daemon: Daemon, page: Any
     check(page, "index")
 
 
+def test_a_package_search_leads_to_the_image_page(web_daemon: Daemon, page: Any) -> None:
+    page.goto(web_daemon.url + "/")
+    page.get_by_role("textbox", name="Package").fill("hello")
+    page.get_by_role("button", name="Search").click()
+    page.wait_for_url("**/search?q=hello")
+    assert page.get_by_role("link", name="helloWorld").count() == 1
+    assert f"docker pull {web_daemon.host}/helloworld:latest" in page.inner_text("main")
+    check(page, "search")
+    page.get_by_role("link", name="hello", exact=True).click()
+    page.wait_for_url("**/images/hello:latest")
+    assert page.get_by_role("heading", name="hello:latest").count() == 1
+
+
 def test_the_image_page_shows_layers_and_what_they_share(web_daemon: Daemon, page: Any) -> None:
     assert pull(web_daemon, "shell/hello") == 200
     assert pull(web_daemon, "hello") == 200

@@ -11,6 +11,7 @@ from nixeryd import builds
 from nixeryd.builds import BuildHub, LogLine
 from nixeryd.metrics import route_of
 from nixeryd.testing.harness import FakeNix, RegistryFactory, building, header
+from nixeryd.testing.processes import Expect
 
 
 def test_lines_are_numbered_on_past_the_ring() -> None:
@@ -143,6 +144,30 @@ def test_request_text_is_escaped_and_bad_names_are_registry_errors(
     assert (response.code, header(response, "Location")) == (302, "/images/shell/hello")
 
 
+def test_the_package_search_evaluates_once_per_query(
+    registry_with: RegistryFactory, nix: FakeNix
+) -> None:
+    found = [
+        {"attrPath": "hello", "derivation": True, "description": "Says <hello>"},
+        {"attrPath": "_9hello", "derivation": True, "description": None},
+        {"attrPath": "helloPackages", "derivation": False, "description": None},
+    ]
+    search = Expect(["nix-instantiate"], stdout=json.dumps(found).encode())
+    registry = registry_with(search)
+    _, body = registry.get("/search?q=hel&format=json", headers={"Host": ["r.example"]})
+    results = json.loads(body)["results"]
+    assert [r["image"] for r in results] == ["hello", "9hello", None]
+    assert results[0]["pull"] == "docker pull r.example/hello:latest"
+    assert search.calls[0][search.calls[0].index("search") + 1] == "hel"
+    _, page = registry.get("/search?q=hel")
+    assert b"Says &lt;hello&gt;" in page
+    assert b'<a href="/images/hello:latest">hello</a>' in page
+    assert len(search.calls) == 1, "answered again from memory"
+    response, body = registry.get("/search?q=a%2A&format=json")
+    assert response.code == 400
+    assert json.loads(body)["errors"][0]["code"] == "NAME_INVALID"
+
+
 @pytest.mark.parametrize(
     ("path", "route"),
     [
@@ -150,6 +175,7 @@ def test_request_text_is_escaped_and_bad_names_are_registry_errors(
         (b"/images", "image_page"),
         (b"/builds/3", "build_page"),
         (b"/builds/3/events", "build_events"),
+        (b"/search", "search"),
     ],
 )
 def test_pages_have_routes_of_their_own(path: bytes, route: str) -> None:

@@ -172,6 +172,13 @@ class ImageBuilder:
             raise remembered[1]
         build = self.builds.start(image.canonical, tag, image.platform.name)
         self.builds.event(build, "nixeryd", f"building {image.canonical}:{tag} ({source.src_type})")
+        # Where an operator watching the daemon's log can follow the build (docs/web.md).
+        self.log.info(
+            "{image}:{tag}: build #{number}, its log live at /builds/{number}",
+            image=image.canonical,
+            tag=tag,
+            number=build.id,
+        )
         try:
             built = yield self._bounded(self._built(image, tag, source, popularity, build), image)
         except TooManyRequests as error:

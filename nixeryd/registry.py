@@ -48,6 +48,7 @@ from nixeryd.images import StoredManifest, TaggedImage
 from nixeryd.manifest import MANIFEST_MEDIA_TYPES, OCI_INDEX, choose
 from nixeryd.manifeststore import blobs_named
 from nixeryd.metrics import Metrics
+from nixeryd.nixbuild import PackagesNotFound
 from nixeryd.ratelimit import ClientBuckets
 from nixeryd.search import PackageSearch
 from nixeryd.singleflight import SingleFlight
@@ -565,12 +566,15 @@ class RegistryApp:
             if _wants_json(request):
                 return _json(request, document)
             return _html(request, web.render_error(error.status, document["errors"][0]))
-        self._name_build_page(request, document["errors"][0])
+        self._name_build_page(request, error, document["errors"][0])
         return _json(request, document)
 
-    def _name_build_page(self, request: Request, error: dict[str, Any]) -> None:
+    def _name_build_page(
+        self, request: Request, raised: RegistryError, error: dict[str, Any]
+    ) -> None:
         """A failed pull of a tag that was built here names the page with its log: in
-        the detail for scripts, at the end of the message for people (clients show it)."""
+        the detail for scripts, at the end of the message for people (clients show it),
+        unless it failed for missing packages, which the message names alone."""
         name, found, tag = request.path.decode("utf-8")[4:].rpartition("/manifests/")
         if not found or ":" in tag:
             return
@@ -583,7 +587,8 @@ class RegistryApp:
             return
         scheme = "https" if request.isSecure() else "http"
         page = f"{scheme}://{_host(request)}{web.image_path(name, tag)}"
-        error["message"] += f"\n(build log: {page})"
+        if not isinstance(raised, PackagesNotFound):
+            error["message"] += f"\n(build log: {page})"
         detail = error.get("detail")
         if detail is None or isinstance(detail, dict):
             # A copy: the error's own detail is answered again (a remembered failure).

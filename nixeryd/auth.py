@@ -220,7 +220,12 @@ class Gate:
                     "the credentials sent are not valid (a wrong password, or a token that "
                     "expired or was issued for another registry); log in again",
                 )
-            if identity.anonymous and (self.policy == "everything" or repository is None):
+            open_page = self.policy == "builds" and shows_only_built(path)
+            if (
+                identity.anonymous
+                and not open_page
+                and (self.policy == "everything" or repository is None)
+            ):
                 raise self.unauthorized(
                     request, scope, None, f"credentials are required for {what}; log in"
                 )
@@ -242,6 +247,17 @@ class Gate:
         """A 401 telling the client how to get credentials for ``scope``."""
         host = (request.getHeader(b"host") or b"localhost").decode("latin-1")
         return Unauthorized(message, self.authenticator.challenge(host, scope, error))
+
+
+#: Web pages that show what was built and start no Nix work (``/search`` evaluates the
+#: package set, so it is not one): under the ``builds`` policy anonymous clients may see
+#: them, as they may pull what was built.
+_PAGES_OF_BUILT = (b"/images/", b"/builds/", b"/errors/")
+
+
+def shows_only_built(path: bytes) -> bool:
+    """Is ``path`` a web page of what was built (the index, image and build pages)?"""
+    return path in (b"/", b"/images") or path.startswith(_PAGES_OF_BUILT)
 
 
 def repository_of(path: bytes) -> str | None:

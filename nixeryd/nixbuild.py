@@ -551,6 +551,11 @@ class Nix:
             found = json.loads(stdout)
         except ValueError as error:
             raise BuildFailed(f"the package search gave no JSON: {error}") from error
+        if not isinstance(found, list) or not all(
+            isinstance(entry, dict) and isinstance(entry.get("attrPath"), str) for entry in found
+        ):
+            # A package set's own nixeryd.nix of another version, or a fake: not a 500.
+            raise BuildFailed("the package search printed an unexpected result")
         return found
 
     @inlineCallbacks

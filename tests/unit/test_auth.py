@@ -325,6 +325,21 @@ def test_builds_policy_pulls_built_images_anonymously_and_builds_only_for_users(
     assert registry.get("/v2/other/manifests/latest")[0].code == 401
 
 
+def test_builds_policy_shows_pages_of_built_images_anonymously_but_not_search(
+    registry_with: RegistryFactory, nix: FakeNix, htpasswd: Path
+) -> None:
+    registry = with_auth(registry_with, nix, htpasswd, policy="builds")
+    for path in ("/", "/images/hello:latest", "/images?name=hello"):
+        assert registry.get(path)[0].code in (200, 302), path
+    # Search evaluates the package set, and metrics are the operator's: users only.
+    for path in ("/search?q=hello", "/metrics"):
+        assert registry.get(path)[0].code == 401, path
+    assert registry.get("/search?q=hello", headers={"Authorization": basic()})[0].code != 401
+    everything = with_auth(registry_with, nix, htpasswd, policy="everything")
+    assert everything.get("/")[0].code == 401
+    assert everything.get("/images/hello:latest")[0].code == 401
+
+
 def test_builds_policy_remembers_built_names_across_restarts(
     registry_with: RegistryFactory, nix: FakeNix, htpasswd: Path
 ) -> None:

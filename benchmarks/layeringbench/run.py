@@ -54,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 f"per image median {sizes[len(sizes) // 2]}, max {sizes[-1]}"
             )
             for budget in budgets:
-                compared = strategies(corpus)
+                compared = strategies(corpus, images)
                 results = [
                     measure(name, compared[name], corpus, images, budget)
                     for name in args.strategy or STRATEGY_NAMES

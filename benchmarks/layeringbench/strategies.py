@@ -18,6 +18,9 @@ re-implemented from their published descriptions:
   that set already holds one of P's dependencies. It stops before the number of
   distinct sets exceeds the limit. Layers are ordered by closure size, smallest
   first.
+
+One more is no strategy a registry can run, but a reference for what one could reach
+within the budget: ``workload oracle`` knows the whole workload beforehand.
 """
 
 from __future__ import annotations
@@ -127,6 +130,36 @@ class AutoLayer:
         return [Layer(paths=tuple(members[identity]), merge_rating=0) for identity in order]
 
 
+class WorkloadOracle:
+    """Layers from the whole workload, known beforehand: a reference, not a strategy.
+
+    Store paths held by exactly the same images of the workload always travel
+    together, so each such class can be one layer, downloaded once; a registry
+    cannot know the classes, since they depend on the requests still to come.
+    Over the budget, as nixeryd's strategies do, the largest classes keep a layer
+    each and the smallest share the last one. This is not the optimum (merging
+    classes by what later images hold could do better), but what a strategy that
+    knew which paths travel together would reach by that simple rule: the gap
+    between it and a strategy is what the strategy loses by not knowing.
+    """
+
+    def __init__(self, corpus: Corpus, images: Sequence[Sequence[str]]) -> None:
+        holders: dict[str, list[int]] = {}
+        for index, packages in enumerate(dict.fromkeys(tuple(image) for image in images)):
+            for path in corpus.closure(packages).paths:
+                holders.setdefault(path, []).append(index)
+        self._holders = {path: tuple(indexes) for path, indexes in holders.items()}
+
+    def group(self, closure: ClosureGraph, popularity: Popularity, budget: int) -> list[Layer]:
+        classes: dict[tuple[int, ...], list[str]] = {}
+        for path in sorted(closure.paths):
+            classes.setdefault(self._holders.get(path, ()), []).append(path)
+        sized = sorted(classes.values(), key=lambda paths: (-closure.total_size(paths), paths))
+        if len(sized) > budget:
+            sized[budget - 1 :] = [[path for paths in sized[budget - 1 :] for path in paths]]
+        return [Layer(paths=tuple(paths), merge_rating=0) for paths in sized]
+
+
 #: The strategies of the table, in its order.
 STRATEGY_NAMES = (
     "single layer",
@@ -136,11 +169,12 @@ STRATEGY_NAMES = (
     "nixery (popularity)",
     "nixeryd (stable)",
     "nixeryd (prefix)",
+    "workload oracle",
 )
 
 
-def strategies(corpus: Corpus) -> dict[str, LayeringStrategy]:
-    """The strategies, set up for ``corpus``.
+def strategies(corpus: Corpus, images: Sequence[Sequence[str]]) -> dict[str, LayeringStrategy]:
+    """The strategies, set up for ``corpus``, and the oracle for the workload ``images``.
 
     nixeryd's stable and prefix strategies are told the store path names of the
     corpus's shell and implicit packages, as the daemon knows nixpkgs' names for them.
@@ -153,4 +187,5 @@ def strategies(corpus: Corpus) -> dict[str, LayeringStrategy]:
         "nixery (popularity)": PopularityLayering(),
         "nixeryd (stable)": StableLayering(base_names=corpus.base_names),
         "nixeryd (prefix)": PrefixLayering(base_parts=corpus.base_parts),
+        "workload oracle": WorkloadOracle(corpus, images),
     }

@@ -13,6 +13,7 @@ from benchmarks.layeringbench.strategies import (
     AutoLayer,
     BuildLayeredImage,
     SingleLayer,
+    WorkloadOracle,
     popularity_contest_order,
 )
 from benchmarks.layeringbench.workload import WORKLOADS, workload
@@ -166,6 +167,24 @@ def test_pull_ratios_count_digests_and_chains() -> None:
     assert single.max_layers == 2  # and the symlink forest
 
 
+def test_the_oracle_layers_by_which_images_of_the_workload_hold_a_path() -> None:
+    corpus = debian_corpus([PACKAGES], tools=["tool", "gawk"], shell=["bash"], implicit=[])
+    images = [("bash",), ("bash", "tool"), ("bash",)]
+    oracle = WorkloadOracle(corpus, images)
+    closure = corpus.closure(["bash", "tool"])
+    layers = oracle.group(closure, corpus.popularity, 10)
+    # bash's closure is in every image, the rest of tool's in the second only: two classes.
+    shared = corpus.closure(["bash"]).paths
+    assert sorted(sorted(layer.paths) for layer in layers) == sorted(
+        [sorted(shared), sorted(set(closure.paths) - set(shared))]
+    )
+    assert measure("oracle", oracle, corpus, images, 10).digest_pull_ratio == 1.0
+    # Over the budget the smallest classes share the last layer.
+    assert [len(layer.paths) for layer in oracle.group(closure, corpus.popularity, 1)] == [
+        len(closure.paths)
+    ]
+
+
 def test_the_benchmark_prints_one_table_per_budget(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -178,4 +197,5 @@ def test_the_benchmark_prints_one_table_per_budget(
     assert out.count("### workload huge") == 2
     assert "| nixeryd (stable) |" in out
     assert "| nixeryd (prefix) |" in out
+    assert "| workload oracle |" in out
     assert "corpus nix:testpkgs" in out

@@ -17,7 +17,11 @@ of an image's three Nix commands stopped every cached answer for that long
 (1-6 ms each, 150 of them in a flood of 50 new images: the cached p99 went to
 4-25x of idle). The thread hands the child's pid and pipes to the reactor,
 which reads and reaps it as twisted.web's own processes
-(:class:`_SpawnedProcess`).
+(:class:`_SpawnedProcess`). The command is exec'd directly, a session leader
+through ``posix_spawn``'s own flag, and its CPU priority lowered by pid once it
+runs: a Python wrapper that did both in the child cost each command a Python
+start-up at full priority, on the cores the daemon answers from, and held the
+spawning thread's GIL while it exec'd.
 
 A process group is not enough: Nix starts each builder in a session of its
 own (under a ``nixbld`` user), so killing nix-store's group left the builder
@@ -49,8 +53,8 @@ import errno
 import fcntl
 import os
 import re
+import shutil
 import signal
-import sys
 import threading
 import time
 from collections import deque
@@ -86,12 +90,6 @@ _ORPHAN_REAP_WAIT = 2.0
 
 #: prctl(2) option: orphaned descendants are reparented to this process (Linux 3.4+).
 _PR_SET_CHILD_SUBREAPER = 36
-
-# Runs the command as the leader of a new session, so that its process group
-# (the command and everything it starts) can be killed as a whole, at a lower priority.
-_SESSION_LEADER = (
-    f"import os, sys; os.setsid(); os.nice({NICENESS}); os.execvp(sys.argv[1], sys.argv[1:])"
-)
 
 
 @dataclass(frozen=True)
@@ -434,17 +432,21 @@ class _Child:
     stderr: int
 
 
-def _session_leader_argv(argv: Sequence[str]) -> list[str]:
-    return [sys.executable, "-S", "-c", _SESSION_LEADER, *argv]
-
-
 def _spawn_child(argv: Sequence[str], env: Mapping[str, str]) -> _Child:
-    """Start ``argv`` as the leader of a new session, its stdio on new pipes; in a thread.
+    """Start ``argv`` as the leader of a new session, its stdio on new pipes.
 
-    Python opens every descriptor close-on-exec, so the child gets its three
-    pipes and nothing else; signals the daemon ignores (SIGPIPE) are reset,
-    as twisted's spawnProcess does.
+    The session makes the command and everything it starts one process group,
+    killed as a whole. The program is looked up on ``env``'s ``PATH``, as the
+    child's own exec would. Python opens every descriptor close-on-exec, so the
+    child gets its three pipes and nothing else; signals the daemon ignores
+    (SIGPIPE) are reset, as twisted's spawnProcess does. Raises OSError when the
+    program cannot be run.
     """
+    program = shutil.which(argv[0], path=env.get("PATH", os.defpath))
+    if program is None:
+        raise FileNotFoundError(
+            errno.ENOENT, f"not found on PATH ({env.get('PATH', os.defpath)})", argv[0]
+        )
     ends: list[int] = []
     try:
         stdin_read, stdin_write = _pipe(ends)
@@ -454,8 +456,8 @@ def _spawn_child(argv: Sequence[str], env: Mapping[str, str]) -> _Child:
             number for number in range(1, signal.NSIG) if signal.getsignal(number) == signal.SIG_IGN
         ]
         pid = os.posix_spawn(
-            sys.executable,
-            _session_leader_argv(argv),
+            program,
+            list(argv),
             env,
             file_actions=[
                 (os.POSIX_SPAWN_DUP2, stdin_read, 0),
@@ -463,6 +465,7 @@ def _spawn_child(argv: Sequence[str], env: Mapping[str, str]) -> _Child:
                 (os.POSIX_SPAWN_DUP2, stderr_write, 2),
             ],
             setsigdef=ignored,
+            setsid=True,
         )
     except BaseException:
         for end in ends:
@@ -470,7 +473,16 @@ def _spawn_child(argv: Sequence[str], env: Mapping[str, str]) -> _Child:
         raise
     for end in (stdin_read, stdout_write, stderr_write):
         os.close(end)
+    _lower_priority(pid)
     return _Child(pid, stdin_write, stdout_read, stderr_read)
+
+
+def _lower_priority(pid: int) -> None:
+    """Make ``pid`` :data:`NICENESS` nicer than the daemon, before it starts anything:
+    the processes it starts later (builders, a build hook) inherit it."""
+    target = min(19, os.getpriority(os.PRIO_PROCESS, 0) + NICENESS)
+    with contextlib.suppress(ProcessLookupError):  # it has exited already
+        os.setpriority(os.PRIO_PROCESS, pid, target)
 
 
 def _pipe(opened: list[int]) -> tuple[int, int]:
@@ -676,13 +688,9 @@ class ReactorProcessRunner:
         protocol.exited.addCallback(lambda _: self._running.discard(protocol))
 
     def _spawn(self, protocol: _Command, argv: Sequence[str], env: Mapping[str, str] | None) -> Any:
-        """Start ``argv`` as the leader of a new process group; its transport."""
-        transport = self._reactor.spawnProcess(
-            protocol,
-            sys.executable,
-            _session_leader_argv(argv),
-            env=dict(os.environ if env is None else env),
-            childFDs={0: "w", 1: "r", 2: "r"},
-        )
+        """Start ``argv`` as the leader of a new session, on the reactor thread (a
+        long-lived command, started rarely); its transport."""
+        child = _spawn_child(argv, dict(os.environ if env is None else env))
+        transport = _SpawnedProcess(self._reactor, child, protocol)
         self._track(protocol)
         return transport

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import deferLater
 
 from nixeryd.process import (
+    NICENESS,
     ProcessResult,
     ProcessTimedOut,
     ReactorProcessRunner,
@@ -195,6 +197,38 @@ def test_a_command_cancelled_while_it_is_spawned_is_killed() -> Any:
             break
         yield deferLater(reactor, 0.05, lambda: None)
     assert (yield _gone(pool.spawned[0].pid)), "the command outlived its cancellation"
+
+
+@pytest_twisted.inlineCallbacks
+def test_commands_run_nicer_than_the_daemon_and_what_they_start_inherits_it() -> Any:
+    # Exec'd directly (no wrapper that lowers the priority in the child), so it is lowered
+    # by pid right after the spawn; what the command starts later is nicer too.
+    script = (
+        "import os, subprocess, sys, time\n"
+        "time.sleep(0.2)\n"
+        "print(os.getsid(0) == os.getpid(), os.nice(0))\n"
+        "sys.stdout.flush()\n"
+        "subprocess.run([sys.executable, '-c', 'import os; print(os.nice(0))'])\n"
+    )
+    result: ProcessResult = yield ReactorProcessRunner(reactor).run(
+        [sys.executable, "-c", script], timeout=10, on_stderr_line=lambda line: None
+    )
+    nicer = min(19, os.nice(0) + NICENESS)
+    assert result.stdout.decode().split() == ["True", str(nicer), str(nicer)]
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_program_not_on_path_is_an_os_error_naming_it() -> Any:
+    runner = ReactorProcessRunner(reactor)
+    with pytest.raises(FileNotFoundError, match="no-such-nix-store"):
+        yield runner.run(
+            ["no-such-nix-store", "--version"],
+            timeout=10,
+            on_stderr_line=lambda line: None,
+            env={"PATH": "/nonexistent"},
+        )
+    with pytest.raises(OSError, match="no-such-nix"):
+        runner.start(["no-such-nix"], on_stderr_line=lambda line: None, env={"PATH": "/x"})
 
 
 def test_descendants_cross_sessions(tmp_path: Any) -> None:

@@ -21,51 +21,19 @@ import pytest
 
 from nixeryd.process import descendants
 from tests.e2e.conftest import Daemon
+from tests.e2e.processes import Descendants, command_line, kill, runs
 from tests.e2e.test_pull import error_of, fetch
 
 pytestmark = pytest.mark.e2e
 
 
-class _Builders:
-    """The ``sleep`` of the test package ``slow`` under a daemon, sampled until stopped."""
-
-    def __init__(self, daemon: Daemon) -> None:
-        self._root = daemon.process.pid
-        self.seen: set[int] = set()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample)
-        self._thread.start()
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            for pid in descendants(self._root):
-                if _command(pid).startswith("sleep"):
-                    self.seen.add(pid)
-            time.sleep(0.05)
-
-    def wait_for_one(self) -> None:
-        deadline = time.monotonic() + 60
-        while not self.seen:
-            assert time.monotonic() < deadline, "the build of slow never started its sleep"
-            time.sleep(0.05)
-
-    def stop(self) -> set[int]:
-        """The builders seen that still run, a moment after the build ended."""
-        self._stop.set()
-        self._thread.join()
-        time.sleep(0.5)
-        return {pid for pid in self.seen if _command(pid).startswith("sleep")}
+def _builders(daemon: Daemon) -> Descendants:
+    """The ``sleep`` of the test package ``slow`` under ``daemon``, sampled until stopped."""
+    return Descendants(daemon.process.pid, runs("sleep"))
 
 
-def _command(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except OSError:
-        return ""
-
-
-def _pull_slow(daemon: Daemon) -> tuple[_Builders, Any]:
-    builders = _Builders(daemon)
+def _pull_slow(daemon: Daemon) -> tuple[Descendants, Any]:
+    builders = _builders(daemon)
     try:
         return builders, fetch(daemon, "/v2/slow/manifests/latest")
     except BaseException:
@@ -87,38 +55,31 @@ def test_a_stopped_build_leaves_no_builder(
     daemon = Daemon(tmp_path / "bounded", **limits)
     try:
         builders, (status, _, body) = _pull_slow(daemon)
-        left = builders.stop()
-        _kill(left)
+        left = builders.left_after()
+        kill(left)
         assert status == 404
         assert said in error_of(body)["message"]
         assert builders.seen, "the build of slow never started its sleep"
-        assert left == set(), f"the stopped build left builders running: {left}"
+        assert left == {}, f"the stopped build left builders running: {left}"
     finally:
         daemon.stop()
 
 
 def test_stopping_the_daemon_kills_its_running_builds(tmp_path: Path) -> None:
     daemon = Daemon(tmp_path / "stopping", NIX_TIMEOUT="60")
-    builders = _Builders(daemon)
+    builders = _builders(daemon)
     pull = threading.Thread(target=_pull_until_stopped, args=(daemon,))
     pull.start()
     try:
-        builders.wait_for_one()
+        builders.wait_for("sleep")
         daemon.process.send_signal(signal.SIGTERM)
         daemon.process.wait(timeout=30)
     finally:
-        left = builders.stop()
+        left = builders.left_after()
         daemon.stop()
         pull.join()
-        _kill(left)
-    assert left == set(), f"the stopped daemon left builders running: {left}"
-
-
-def _kill(builders: set[int]) -> None:
-    """Never leave a builder to finish and register slow in the shared store."""
-    for pid in builders:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+        kill(left)
+    assert left == {}, f"the stopped daemon left builders running: {left}"
 
 
 def _pull_until_stopped(daemon: Daemon) -> None:
@@ -130,35 +91,33 @@ def test_a_nix_store_killed_from_outside_leaves_no_builder_and_says_so(tmp_path:
     # The out-of-memory killer or an operator's kill -9: nix-store dies at once, and its
     # builder (in a session of its own) is orphaned before anything can look for it.
     daemon = Daemon(tmp_path / "killed", NIX_TIMEOUT="60")
-    builders = _Builders(daemon)
+    builders = _builders(daemon)
     answers: list[Any] = []
     pull = threading.Thread(
         target=lambda: answers.append(fetch(daemon, "/v2/slow/manifests/latest"))
     )
     pull.start()
     try:
-        builders.wait_for_one()
+        builders.wait_for("sleep")
         realise = [
-            pid for pid in descendants(daemon.process.pid) if "nix-store --realise" in _command(pid)
+            pid
+            for pid in descendants(daemon.process.pid)
+            if "nix-store --realise" in command_line(pid)
         ]
         assert len(realise) == 1, realise
         os.kill(realise[0], signal.SIGKILL)
         pull.join(timeout=60)
         deadline = time.monotonic() + 5
-        while _running(builders.seen) and time.monotonic() < deadline:
+        while builders.alive() and time.monotonic() < deadline:
             time.sleep(0.1)
     finally:
-        left = builders.stop()
-        _kill(left)
+        left = builders.left_after()
+        kill(left)
         pull.join()
         daemon.stop()
-    assert left == set(), f"the killed nix-store left builders running: {left}"
+    assert left == {}, f"the killed nix-store left builders running: {left}"
     status, _, body = answers[0]
     assert status == 404
     message = error_of(body)["message"]
     assert "nix-store was killed by SIGKILL" in message, message
     assert "killed and reaped process" in daemon.log()
-
-
-def _running(pids: set[int]) -> set[int]:
-    return {pid for pid in pids if _command(pid).startswith("sleep")}

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import threading
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,9 +20,8 @@ from typing import Any
 
 import pytest
 
-from nixeryd.process import descendants
 from tests.e2e.conftest import ROOT, Daemon
-from tests.e2e.test_bounded_nix import _command, _kill
+from tests.e2e.processes import Descendants, kill, runs
 
 pytestmark = [pytest.mark.e2e, pytest.mark.browser]
 
@@ -67,31 +64,12 @@ def page(browser: Any) -> Iterator[Any]:
     context.close()
 
 
-class _Ticker:
-    """The processes of ticker's builder under a daemon, sampled until stopped, so that
+def _ticker(daemon: Daemon) -> Descendants:
+    """The processes of ticker's builder under ``daemon``, sampled until stopped, so that
     none is left to finish and register ticker in the shared store."""
-
-    def __init__(self, daemon: Daemon) -> None:
-        self._root = daemon.process.pid
-        self.seen: set[int] = set()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample)
-        self._thread.start()
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            for pid in descendants(self._root):
-                command = _command(pid)
-                if "ticker: tick" in command or command.startswith("sleep"):
-                    self.seen.add(pid)
-            time.sleep(0.05)
-
-    def stop(self) -> set[int]:
-        """The builder's processes seen that still run."""
-        self._stop.set()
-        self._thread.join()
-        time.sleep(0.5)
-        return {pid for pid in self.seen if _command(pid)}
+    return Descendants(
+        daemon.process.pid, lambda command: "ticker: tick" in command or runs("sleep")(command)
+    )
 
 
 def pull(daemon: Daemon, name: str) -> int:
@@ -178,7 +156,7 @@ def test_the_image_page_shows_layers_and_what_they_share(web_daemon: Daemon, pag
 def test_a_build_streams_its_log_resumes_after_a_reload_and_shows_why_it_failed(
     web_daemon: Daemon, page: Any
 ) -> None:
-    builders = _Ticker(web_daemon)
+    builders = _ticker(web_daemon)
     try:
         page.goto(web_daemon.url + "/images/ticker")
         page.get_by_role("button", name="Build ticker:latest now").click()
@@ -205,10 +183,10 @@ def test_a_build_streams_its_log_resumes_after_a_reload_and_shows_why_it_failed(
         assert numbers == list(range(1, len(numbers) + 1))
         check(page, "failed-build")
     finally:
-        left = builders.stop()
-        _kill(left)
+        left = builders.left_after()
+        kill(left)
     assert builders.seen, "ticker's builder never ran"
-    assert left == set(), f"the stopped build left its builder running: {left}"
+    assert left == {}, f"the stopped build left its builder running: {left}"
 
 
 def test_a_failed_build_names_its_page_and_shows_nix_s_cause(web_daemon: Daemon, page: Any) -> None:

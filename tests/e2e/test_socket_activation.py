@@ -28,8 +28,8 @@ from typing import Any
 
 import pytest
 
-from nixeryd.process import descendants
 from tests.e2e.conftest import TEST_PACKAGES, free_port, nix_env, require
+from tests.e2e.processes import Descendants, command_line, kill
 from tests.systemdunits import SOCKET, listen_endpoint, sections
 
 pytestmark = pytest.mark.e2e
@@ -224,55 +224,12 @@ def test_a_socket_systemd_did_not_pass_is_a_configuration_error(
     assert said in daemon.log()
 
 
-class _Descendants:
-    """Every process descended from ``root`` while it runs, with its command line."""
-
-    def __init__(self, root: int) -> None:
-        self._root = root
-        self.seen: dict[int, str] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample)
-        self._thread.start()
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            for pid in descendants(self._root):
-                command = _command(pid)  # again each time: a command may exec another
-                if command:
-                    self.seen[pid] = command
-            time.sleep(0.02)
-
-    def wait_for(self, program: str, timeout: float = 60) -> str:
-        deadline = time.monotonic() + timeout
-        while True:
-            for command in list(self.seen.values()):
-                if command.split(" ", 1)[0].endswith(program):
-                    return command
-            assert time.monotonic() < deadline, f"no {program} started; saw {self.seen}"
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def alive(self) -> dict[int, str]:
-        """Those seen still running as what they were (not a new process with a reused id)."""
-        return {pid: command for pid, command in self.seen.items() if _command(pid) == command}
-
-
-def _command(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
-    except OSError:
-        return ""
-
-
 def _naming(text: str) -> dict[int, str]:
     """Every process whose command line has ``text`` in it."""
     found = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit() and entry.name != str(os.getpid()):
-            command = _command(int(entry.name))
+            command = command_line(int(entry.name))
             if text in command:
                 found[int(entry.name)] = command
     return found
@@ -302,7 +259,7 @@ def test_sigterm_during_a_build_answers_it_and_leaves_no_nix_builder_or_root(
     pull = threading.Thread(target=pull_slow)
     pull.start()
     notifications.wait_for("READY")
-    processes = _Descendants(daemon.process.pid)
+    processes = Descendants(daemon.process.pid)
     left: dict[int, str] = {}
     roots: list[Path] = []
     try:
@@ -315,16 +272,12 @@ def test_sigterm_during_a_build_answers_it_and_leaves_no_nix_builder_or_root(
         daemon.process.send_signal(signal.SIGTERM)
         assert daemon.process.wait(timeout=30) == 0, daemon.log()
         pull.join(timeout=30)
-        processes.stop()
-        time.sleep(0.5)
-        left = {**processes.alive(), **_naming(drv)}
+        left = {**processes.left_after(), **_naming(drv)}
     finally:
         processes.stop()
         if daemon.process.poll() is None:
             daemon.stop()
-        for pid in left:  # never leave slow to finish and register in the shared store
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        kill(left)
     assert left == {}, f"the stopped daemon left Nix or its builders running: {left}"
     assert [list(path.iterdir()) for path in roots] == [[] for _ in roots]
     status, body = answered[0]

@@ -26,21 +26,19 @@ import contextlib
 import json
 import os
 import re
-import signal
-import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from benchmarks.harness import NIX_ENV, Server, daemon, working_directory
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-NIX_ENV = {**os.environ, "NIX_CONFIG": "substituters ="}
 DOCKER_ACCEPT = "application/vnd.docker.distribution.manifest.v2+json"
 #: The daemons measured: name -> (writer, log format).
 WRITERS = {
@@ -65,13 +63,7 @@ def main() -> None:
     if args.serve:
         serve(args.serve)
         return
-    with contextlib.ExitStack() as stack:
-        if args.workdir:
-            workdir = args.workdir.resolve()
-            workdir.mkdir(parents=True, exist_ok=True)
-        else:
-            temporary = tempfile.TemporaryDirectory(prefix="nixeryd-accesslog-")
-            workdir = Path(stack.enter_context(temporary))
+    with working_directory(args.workdir, "nixeryd-accesslog-") as workdir:
         results = measure(workdir, args)
         results["alone"] = writers_alone(workdir / "alone.log", args.requests)
         if args.json:
@@ -85,7 +77,9 @@ def measure(workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
     storage = workdir / "storage"
     with contextlib.ExitStack() as stack:
         daemons = {
-            name: stack.enter_context(daemon(workdir / f"{writer}-{fmt}.log", storage, writer, fmt))
+            name: stack.enter_context(
+                nixeryd(workdir / f"{writer}-{fmt}.log", storage, writer, fmt)
+            )
             for name, (writer, fmt) in WRITERS.items()
         }
         path = cached_manifest(next(iter(daemons.values())))
@@ -96,7 +90,7 @@ def measure(workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
         for _ in range(args.repeats):
             for name, server in daemons.items():
                 runs[name].append(wrk(server.url + path, args.connections, args.seconds))
-        lines = {name: server.access_lines(path) for name, server in daemons.items()}
+        lines = {name: access_lines(server, path) for name, server in daemons.items()}
     rates = {name: statistics.median(values) for name, values in runs.items()}
     off = rates["off"]
     cost = {name: (1 / rate - 1 / off) * 1e6 for name, rate in rates.items()}
@@ -184,60 +178,25 @@ def request(server: Server, path: str) -> None:
         response.read()
 
 
-class Server:
-    def __init__(self, process: subprocess.Popen[bytes], port: int, log: Path) -> None:
-        self.process = process
-        self.port = port
-        self.url = f"http://127.0.0.1:{port}"
-        self.log = log
-
-    def wait(self) -> None:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise SystemExit(f"{self.log} exited early:\n{self.log.read_text()[-3000:]}")
-            try:
-                urllib.request.urlopen(self.url + "/v2/", timeout=1).close()
-                return
-            except OSError:
-                time.sleep(0.1)
-        raise SystemExit(f"{self.log} did not start")
-
-    def access_lines(self, path: str) -> int:
-        """Access log lines of ``path``: that every writer wrote a line per request."""
-        with self.log.open(errors="replace") as log:
-            return sum(path in line for line in log)
-
-    def stop(self) -> None:
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+def access_lines(server: Server, path: str) -> int:
+    """Access log lines of ``path``: that every writer wrote a line per request."""
+    with server.log.open(errors="replace") as log:
+        return sum(path in line for line in log)
 
 
 @contextlib.contextmanager
-def daemon(log: Path, storage: Path, writer: str, log_format: str) -> Iterator[Server]:
+def nixeryd(log: Path, storage: Path, writer: str, log_format: str) -> Iterator[Server]:
     """A daemon over the test package set with ``writer``'s access log."""
-    port = free_port()
-    env = {
+    environment = {
         **NIX_ENV,
-        "PORT": str(port),
         "STORAGE_PATH": str(storage),
         "NIXERY_PKGS_PATH": str(ROOT / "tests" / "pkgs"),
         "NIXERYD_LOG_FORMAT": log_format,
         "PYTHONPATH": str(ROOT),
     }
-    with log.open("wb") as file:
-        argv = [sys.executable, str(Path(__file__).resolve()), "--serve", writer]
-        process = subprocess.Popen(argv, env=env, stdout=file, stderr=file)
-    server = Server(process, port, log)
-    try:
-        server.wait()
+    argv = [sys.executable, "-m", "benchmarks.accesslog", "--serve", writer]
+    with daemon(log, environment, argv) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def serve(writer: str) -> None:
@@ -312,12 +271,6 @@ def wrk(url: str, connections: int, seconds: int) -> float:
     if match is None:
         raise SystemExit(f"unexpected wrk output:\n{output}")
     return float(match.group(1))
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 if __name__ == "__main__":

@@ -32,11 +32,7 @@ import json
 import os
 import random
 import secrets
-import signal
 import socket
-import subprocess
-import sys
-import tempfile
 import time
 import urllib.parse
 import urllib.request
@@ -44,6 +40,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
+
+from benchmarks.harness import daemon, working_directory
 
 ROOT = Path(__file__).resolve().parents[1]
 TEST_PACKAGES = ROOT / "tests" / "pkgs"
@@ -411,46 +409,6 @@ def _exchange(
                 return
 
 
-class Daemon:
-    """``nixeryd serve`` on a free port over the test package set, storage in ``workdir``."""
-
-    def __init__(self, workdir: Path) -> None:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = int(probe.getsockname()[1])
-        self.log_path = workdir / "nixeryd.log"
-        env = {
-            **os.environ,
-            "NIX_CONFIG": os.environ.get("NIX_CONFIG", "substituters ="),
-            "PORT": str(self.port),
-            "NIXERY_PKGS_PATH": str(TEST_PACKAGES),
-            "NIXERY_STORAGE_BACKEND": "filesystem",
-            "STORAGE_PATH": str(workdir / "storage"),
-        }
-        with self.log_path.open("wb") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "nixeryd", "serve"], env=env, stdout=log, stderr=log
-            )
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{self.port}/v2/", timeout=1).close()
-                return
-            except OSError as error:
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    log = self.log_path.read_text()
-                    raise RuntimeError("nixeryd did not start:\n" + log) from error
-                time.sleep(0.1)
-
-    def stop(self) -> None:
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-
-
 def learn_targets(port: int) -> Targets:
     """The digests of a built image's manifest, config and layers."""
     url = f"http://127.0.0.1:{port}/v2/hello/manifests/latest"
@@ -506,29 +464,34 @@ def fuzz(workdir: Path, count: int, seed: int, timeout: float, workers: int) -> 
     token = secrets.token_hex(16).encode()
     # Next to storage: reachable from it only by climbing out.
     (workdir / "canary").write_bytes(b"nixeryd fuzz canary " + token + b"\n")
-    daemon = Daemon(workdir)
+    # ``nixeryd serve`` over the test package set, filesystem storage in ``workdir``.
+    environment = {
+        "NIX_CONFIG": os.environ.get("NIX_CONFIG", "substituters ="),
+        "NIXERY_PKGS_PATH": str(TEST_PACKAGES),
+        "NIXERY_STORAGE_BACKEND": "filesystem",
+        "STORAGE_PATH": str(workdir / "storage"),
+    }
+    log_path = workdir / "nixeryd.log"
     figures = Figures()
-    try:
-        targets = learn_targets(daemon.port)
+    with daemon(log_path, environment) as server:
+        targets = learn_targets(server.port)
         rng = random.Random(seed)
         cases = [generate(rng, targets) for _ in range(count)]
         started = time.monotonic()
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:
             for future in [
-                pool.submit(run_case, "127.0.0.1", daemon.port, case, timeout, token)
+                pool.submit(run_case, "127.0.0.1", server.port, case, timeout, token)
                 for case in cases
             ]:
                 figures.add(future.result())
         figures.seconds = time.monotonic() - started
         for method, target, digest in figures.dotdot_200:
-            why = classify_dotdot(daemon.port, method, target, digest)
+            why = classify_dotdot(server.port, method, target, digest)
             figures.dotdot_why[why] += 1
             figures.examples.setdefault(f"'..' answered 200: {why}", [])
             if len(figures.examples[f"'..' answered 200: {why}"]) < 5:
                 figures.examples[f"'..' answered 200: {why}"].append(f"{method} {target}")
-    finally:
-        daemon.stop()
-    log = daemon.log_path.read_text(errors="replace")
+    log = log_path.read_text(errors="replace")
     figures.tracebacks = sum(1 for line in log.splitlines() if "Traceback" in line)
     return figures
 
@@ -554,9 +517,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, help="keep the daemon's storage and log here")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="nixeryd-fuzz-") as scratch:
-        workdir = args.workdir or Path(scratch)
-        workdir.mkdir(parents=True, exist_ok=True)
+    with working_directory(args.workdir, "nixeryd-fuzz-") as workdir:
         figures = fuzz(workdir, args.count, args.seed, args.timeout, args.workers)
     summary = {
         "cases": args.count,

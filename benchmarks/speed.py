@@ -27,12 +27,8 @@ import json
 import os
 import re
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
-import sys
-import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -40,8 +36,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from benchmarks.harness import (
+    NIX_ENV,
+    Server,
+    daemon,
+    free_port,
+    medians,
+    run,
+    serving,
+    working_directory,
+)
+
 HERE = Path(__file__).resolve().parent
-NIX_ENV = {**os.environ, "NIX_CONFIG": "substituters ="}
 DOCKER_ACCEPT = "application/vnd.docker.distribution.manifest.v2+json"
 
 
@@ -74,13 +80,7 @@ def main() -> None:
     args = parser.parse_args()
     scale = SCALES[args.scale]
     cores = len(os.sched_getaffinity(0))
-    with contextlib.ExitStack() as stack:
-        if args.workdir:
-            workdir = args.workdir.resolve()
-            workdir.mkdir(parents=True, exist_ok=True)
-        else:
-            temporary = tempfile.TemporaryDirectory(prefix="nixeryd-speed-")
-            workdir = Path(stack.enter_context(temporary))
+    with working_directory(args.workdir, "nixeryd-speed-") as workdir:
         bench = Bench(workdir, scale, cores)
         results: dict[str, Any] = {"scale": args.scale, "cores": cores}
         print(f"# nixeryd speed benchmark, scale {args.scale}, {cores} cores, in {workdir}")
@@ -207,7 +207,7 @@ class Bench:
         """A fresh daemon with empty storage builds the image ``all``; its log has the steps."""
         storage = self.workdir / name
         shutil.rmtree(storage, ignore_errors=True)
-        with daemon(self.workdir / f"{name}.log", storage, self.pkgs, **environment) as server:
+        with nixeryd(self.workdir / f"{name}.log", storage, self.pkgs, **environment) as server:
             started = time.monotonic()
             manifest = json.loads(http_get(f"{server.url}/v2/all/manifests/latest"))
             total = time.monotonic() - started
@@ -254,7 +254,7 @@ class Bench:
         shutil.rmtree(registry_dir, ignore_errors=True)
         results: dict[str, Any] = {}
         with (
-            daemon(
+            nixeryd(
                 self.workdir / "serving.log",
                 storage,
                 None,
@@ -299,7 +299,7 @@ class Bench:
                     for server, url in urls.items():
                         runs[server].append(wrk(url, method, connections, self.scale))
                 results[name] = {"connections": connections}
-                results[name].update({server: _medians(runs[server]) for server in runs})
+                results[name].update({server: medians(runs[server]) for server in runs})
         print("\n## Serving (wrk with 1 thread, ab for HEAD; nixeryd / docker-registry ratios)")
         print(
             f"Large blob: {largest['size'] / 1e6:.1f} MB; {self.scale.wrk_seconds} s per run;"
@@ -345,7 +345,7 @@ class Bench:
             json.dumps({"mediaType": "application/octet-stream", "size": size})
         )
         clients = self.scale.memory_clients
-        with daemon(self.workdir / "memory.log", storage, self.pkgs) as server:
+        with nixeryd(self.workdir / "memory.log", storage, self.pkgs) as server:
             before = server.rss_kb()
             result = wrk(
                 f"{server.url}/v2/all/blobs/sha256:{hex_digest}",
@@ -366,11 +366,6 @@ class Bench:
         return {"rss_before_mb": before / 1024, "peak_rss_mb": peak / 1024, **result}
 
 
-def _medians(runs: list[dict[str, float]]) -> dict[str, float]:
-    """Each measure's median over ``runs``."""
-    return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
-
-
 def _median_build(builds: list[dict[str, Any]]) -> dict[str, Any]:
     """The build whose layer-write step is the median one."""
     ordered = sorted(builds, key=lambda build: build["layers"])
@@ -380,19 +375,6 @@ def _median_build(builds: list[dict[str, Any]]) -> dict[str, Any]:
 # Processes
 
 
-def run(argv: list[str], env: dict[str, str] | None = None) -> str:
-    result = subprocess.run(argv, env=env, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise SystemExit(f"{' '.join(argv[:3])} ... failed:\n{result.stderr[-3000:]}")
-    return result.stdout
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def http_get(url: str, accept: str | None = None) -> bytes:
     request = urllib.request.Request(url, headers={"Accept": accept} if accept else {})
     with urllib.request.urlopen(request, timeout=600) as response:
@@ -400,75 +382,22 @@ def http_get(url: str, accept: str | None = None) -> bytes:
         return data
 
 
-class Server:
-    def __init__(self, process: subprocess.Popen[bytes], port: int, log: Path) -> None:
-        self.process = process
-        self.host = f"127.0.0.1:{port}"
-        self.url = f"http://{self.host}"
-        self.log = log
-
-    def wait(self, path: str) -> None:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise SystemExit(f"server exited early:\n{self.log.read_text()[-3000:]}")
-            try:
-                urllib.request.urlopen(self.url + path, timeout=1).close()
-                return
-            except OSError:
-                time.sleep(0.1)
-        raise SystemExit(f"server did not start:\n{self.log.read_text()[-3000:]}")
-
-    def events(self) -> Iterator[dict[str, Any]]:
-        for line in self.log.read_text().splitlines():
-            with contextlib.suppress(ValueError):
-                yield json.loads(line)
-
-    def _status(self, field: str) -> int:
-        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-        raise ValueError(field)
-
-    def rss_kb(self) -> int:
-        return self._status("VmRSS")
-
-    def peak_rss_kb(self) -> int:
-        return self._status("VmHWM")
-
-    def stop(self) -> None:
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-
-
 @contextlib.contextmanager
-def daemon(log: Path, storage: Path, pkgs: Path | None, **environment: str) -> Iterator[Server]:
+def nixeryd(log: Path, storage: Path, pkgs: Path | None, **environment: str) -> Iterator[Server]:
     """``nixeryd serve`` with JSON logs, filesystem storage at ``storage``."""
-    port = free_port()
-    env = {
-        **NIX_ENV,
-        "PORT": str(port),
-        "STORAGE_PATH": str(storage),
-        "NIXERYD_LOG_FORMAT": "json",
-        # docker-registry runs with its access log disabled too.
-        "NIXERYD_ACCESS_LOG": "false",
-        **({"NIXERY_PKGS_PATH": str(pkgs)} if pkgs else {}),
-        **environment,
-    }
-    with log.open("wb") as file:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "nixeryd", "serve"], env=env, stdout=file, stderr=file
-        )
-    server = Server(process, port, log)
-    try:
-        server.wait("/v2/")
+    with daemon(
+        log,
+        {
+            **NIX_ENV,
+            "STORAGE_PATH": str(storage),
+            "NIXERYD_LOG_FORMAT": "json",
+            # docker-registry runs with its access log disabled too.
+            "NIXERYD_ACCESS_LOG": "false",
+            **({"NIXERY_PKGS_PATH": str(pkgs)} if pkgs else {}),
+            **environment,
+        },
+    ) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @contextlib.contextmanager
@@ -484,17 +413,9 @@ def docker_registry(root: Path) -> Iterator[Server]:
         "  delete:\n    enabled: false\n"
         f"http:\n  addr: 127.0.0.1:{port}\n"
     )
-    log = root / "registry.log"
-    with log.open("wb") as file:
-        process = subprocess.Popen(
-            ["docker-registry", "serve", str(config)], stdout=file, stderr=file
-        )
-    server = Server(process, port, log)
-    try:
-        server.wait("/v2/")
+    argv = ["docker-registry", "serve", str(config)]
+    with serving(argv, port, root / "registry.log") as server:
         yield server
-    finally:
-        server.stop()
 
 
 def wrk(

@@ -30,12 +30,10 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 import uuid
@@ -48,6 +46,19 @@ from urllib.parse import parse_qsl, urlsplit
 
 import botocore.session  # type: ignore[import-untyped]
 from botocore.config import Config  # type: ignore[import-untyped]
+
+from benchmarks.harness import (
+    NIX_ENV,
+    Server,
+    daemon,
+    free_port,
+    medians,
+    proc_status_kb,
+    run,
+    serving,
+    stop,
+    working_directory,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 ACCESS_KEY = "nixeryd"
@@ -108,12 +119,7 @@ def main() -> None:
     scale = SCALES[args.scale]
     cores = len(os.sched_getaffinity(0))
     with contextlib.ExitStack() as stack:
-        if args.workdir:
-            workdir = args.workdir.resolve()
-            workdir.mkdir(parents=True, exist_ok=True)
-        else:
-            temporary = tempfile.TemporaryDirectory(prefix="nixeryd-storage-")
-            workdir = Path(stack.enter_context(temporary))
+        workdir = stack.enter_context(working_directory(args.workdir, "nixeryd-storage-"))
         results: dict[str, Any] = {"scale": args.scale, "cores": cores}
         print(f"# nixeryd storage benchmark, scale {args.scale}, {cores} cores, in {workdir}")
         print(f"# load: {os.getloadavg()[0]:.2f} (a shared machine: absolute figures are noise)")
@@ -251,7 +257,7 @@ class Bench:
         results: dict[str, Any] = {"blob_bytes": len(data)}
         environment = {**self.s3.environment(bucket), "NIXERYD_EVALUATORS": "0"}
         with (
-            daemon(self.workdir / "nixeryd.log", environment) as ours,
+            nixeryd(self.workdir / "nixeryd.log", environment) as ours,
             docker_registry(self.workdir / "docker-registry", self.s3.endpoint, bucket) as theirs,
         ):
             push_blob(theirs.url, "bench", digest, data)
@@ -268,7 +274,7 @@ class Bench:
                 for name, url, headers in scenarios:
                     runs[name].append(self.wrk(url + path, lua, headers))
         for name in runs:
-            results[name] = _medians(runs[name])
+            results[name] = medians(runs[name])
         reference = results["docker-registry (s3 driver)"]["rps"]
         scale = self.scale
         print(
@@ -498,8 +504,8 @@ class Bench:
 
             def measure() -> dict[str, float]:
                 client.delete_object(Bucket=bucket, Key=key)
-                argv = [sys.executable, __file__, "--nixeryd-upload", json.dumps(spec)]
-                result: dict[str, float] = json.loads(run(argv))
+                argv = [sys.executable, "-m", "benchmarks.storage", "--nixeryd-upload"]
+                result: dict[str, float] = json.loads(run([*argv, json.dumps(spec)]))
                 stored = client.head_object(Bucket=bucket, Key=key)
                 if stored["ContentLength"] != size or stored["ContentType"] != LAYER_TYPE:
                     raise SystemExit(f"nixeryd stored {stored['ContentLength']} bytes, not {size}")
@@ -539,7 +545,7 @@ class Bench:
                 runs[name].append(measure())
         results: dict[str, Any] = {"mb": size / 1e6, "part_mib": self.scale.part_mb}
         for name, measured in runs.items():
-            results[name] = _medians(measured)
+            results[name] = medians(measured)
             results[name]["mbps"] = size / 1e6 / results[name]["seconds"]
         source.unlink()
         references = {
@@ -613,11 +619,11 @@ def nixeryd_upload(spec: dict[str, Any]) -> dict[str, float]:
         # Written back before the clock starts, as the reference's file long was.
         os.fsync(staged.file.fileno())
         Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-        before = _status_kb("VmRSS")
+        before = proc_status_kb("VmRSS")
         started = time.monotonic()
         await staged.commit(spec["digest"], LAYER_TYPE)
         result["seconds"] = time.monotonic() - started
-        result["rss_growth_mb"] = (_status_kb("VmHWM") - before) / 1024
+        result["rss_growth_mb"] = (proc_status_kb("VmHWM") - before) / 1024
         result["rss_before_mb"] = before / 1024
         await storage.stop()
 
@@ -633,13 +639,6 @@ def nixeryd_upload(spec: dict[str, Any]) -> dict[str, float]:
     if failures:
         failures[0].raiseException()
     return result
-
-
-def _status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise ValueError(field)
 
 
 def _rsa_service_account() -> tuple[str, str, dict[str, str]]:
@@ -699,78 +698,23 @@ def print_goals(results: dict[str, Any]) -> None:
         print(f"| {goal} | {measured} | {'yes' if met else 'no'} |")
 
 
-def _medians(runs: list[dict[str, float]]) -> dict[str, float]:
-    """Each measure's median over ``runs``."""
-    return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
-
-
 # Processes
 
 
-def run(argv: list[str], env: dict[str, str] | None = None) -> str:
-    result = subprocess.run(argv, env=env, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise SystemExit(f"{' '.join(argv[:3])} ... failed:\n{result.stderr[-3000:]}")
-    return result.stdout
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
-class Server:
-    def __init__(self, process: subprocess.Popen[bytes], port: int, log: Path) -> None:
-        self.process = process
-        self.url = f"http://127.0.0.1:{port}"
-        self.log = log
-
-    def wait(self, path: str) -> None:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise SystemExit(f"server exited early:\n{self.log.read_text()[-3000:]}")
-            try:
-                urllib.request.urlopen(self.url + path, timeout=1).close()
-                return
-            except OSError:
-                time.sleep(0.1)
-        raise SystemExit(f"server did not start:\n{self.log.read_text()[-3000:]}")
-
-
 @contextlib.contextmanager
-def daemon(log: Path, environment: dict[str, str]) -> Iterator[Server]:
+def nixeryd(log: Path, environment: dict[str, str]) -> Iterator[Server]:
     """``nixeryd serve`` with JSON logs and no access log (docker-registry runs without one)."""
-    port = free_port()
-    env = {
-        **os.environ,
-        "NIX_CONFIG": "substituters =",
-        "PORT": str(port),
-        "NIXERYD_LOG_FORMAT": "json",
-        "NIXERYD_ACCESS_LOG": "false",
-        "NIXERY_PKGS_PATH": str(ROOT / "nix" / "example"),
-        **environment,
-    }
-    with log.open("wb") as file:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "nixeryd", "serve"], env=env, stdout=file, stderr=file
-        )
-    server = Server(process, port, log)
-    try:
-        server.wait("/v2/")
+    with daemon(
+        log,
+        {
+            **NIX_ENV,
+            "NIXERYD_LOG_FORMAT": "json",
+            "NIXERYD_ACCESS_LOG": "false",
+            "NIXERY_PKGS_PATH": str(ROOT / "nix" / "example"),
+            **environment,
+        },
+    ) as server:
         yield server
-    finally:
-        stop(process)
 
 
 @contextlib.contextmanager
@@ -798,20 +742,12 @@ def docker_registry(root: Path, endpoint: str, bucket: str) -> Iterator[Server]:
         "  delete:\n    enabled: false\n"
         f"http:\n  addr: 127.0.0.1:{port}\n"
     )
-    log = root / "registry.log"
     # aws-sdk-go refuses to start with a CA bundle (AWS_CA_BUNDLE) under a custom HTTP
     # transport, as 2.8's driver has; the endpoint is plain HTTP on loopback anyway.
     env = {name: value for name, value in os.environ.items() if name != "AWS_CA_BUNDLE"}
-    with log.open("wb") as file:
-        process = subprocess.Popen(
-            ["docker-registry", "serve", str(config)], env=env, stdout=file, stderr=file
-        )
-    server = Server(process, port, log)
-    try:
-        server.wait("/v2/")
+    argv = ["docker-registry", "serve", str(config)]
+    with serving(argv, port, root / "registry.log", env) as server:
         yield server
-    finally:
-        stop(process)
 
 
 def push_blob(url: str, name: str, digest: str, data: bytes) -> None:

@@ -23,10 +23,11 @@ def test_the_access_log_benchmark_runs(tmp_path: Path) -> None:
     if shutil.which("wrk") is None:
         pytest.skip("wrk is not installed (benchmarks/accesslog installs it)")
     results = tmp_path / "results.json"
-    argv = [sys.executable, str(ROOT / "benchmarks" / "accesslog.py"), "--seconds", "1"]
+    argv = [sys.executable, "-m", "benchmarks.accesslog", "--seconds", "1"]
     completed = subprocess.run(
         [*argv, "--repeats", "1", "--workdir", str(tmp_path / "work"), "--json", str(results)],
         env=nix_env(),
+        cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=300,

@@ -28,7 +28,8 @@ def test_fuzzed_requests_get_no_5xx_traceback_outside_read_or_hang(
     completed = subprocess.run(
         [
             sys.executable,
-            str(ROOT / "benchmarks" / "fuzz.py"),
+            "-m",
+            "benchmarks.fuzz",
             "--count",
             "2000",
             "--workdir",
@@ -37,6 +38,7 @@ def test_fuzzed_requests_get_no_5xx_traceback_outside_read_or_hang(
             str(figures_path),
         ],
         env=nix_env(),
+        cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=300,

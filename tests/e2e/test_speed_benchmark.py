@@ -29,10 +29,11 @@ def test_the_speed_benchmark_runs_on_a_tiny_package_set(tmp_path: Path) -> None:
     if len(skip) == 6:
         pytest.skip("the benchmark's reference tools are not installed (benchmarks/speed does)")
     results = tmp_path / "results.json"
-    argv = [sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--scale", "tiny"]
+    argv = [sys.executable, "-m", "benchmarks.speed", "--scale", "tiny"]
     completed = subprocess.run(
         [*argv, "--workdir", str(tmp_path / "work"), "--json", str(results), *skip],
         env=nix_env(),
+        cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=300,

@@ -32,10 +32,11 @@ def test_the_storage_benchmark_runs_at_its_tiny_scale(tmp_path: Path) -> None:
     if importlib.util.find_spec("s3transfer") is None:
         skip += ["--skip", "upload"]
     results = tmp_path / "results.json"
-    argv = [sys.executable, str(ROOT / "benchmarks" / "storage.py"), "--scale", "tiny"]
+    argv = [sys.executable, "-m", "benchmarks.storage", "--scale", "tiny"]
     completed = subprocess.run(
         [*argv, "--workdir", str(tmp_path / "work"), "--json", str(results), *skip],
         env=nix_env(),
+        cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=120,

@@ -478,10 +478,11 @@ def _spawn_child(argv: Sequence[str], env: Mapping[str, str]) -> _Child:
 
 
 def _lower_priority(pid: int) -> None:
-    """Make ``pid`` :data:`NICENESS` nicer than the daemon, before it starts anything:
-    the processes it starts later (builders, a build hook) inherit it."""
+    """Make ``pid`` :data:`NICENESS` nicer than the daemon, right after it exec'd: what
+    it starts later (builders, a build hook) inherits it. It may have exited already; a
+    sandbox that forbids it costs the priority, not the command."""
     target = min(19, os.getpriority(os.PRIO_PROCESS, 0) + NICENESS)
-    with contextlib.suppress(ProcessLookupError):  # it has exited already
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.setpriority(os.PRIO_PROCESS, pid, target)
 
 

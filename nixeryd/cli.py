@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> None:
 #: 0.005). Each time the reactor thread makes a system call (a socket write, a log line)
 #: a worker thread writing a layer or a record can take the GIL, and the reactor waits
 #: for it up to this long before it answers the next cached pull: at the default, a
-#: flood of new images put the cached p99 at 2-4x of idle; at 1 ms, within 2x.
+#: flood of new images put the cached p99 at 2-4x of idle; at 1 ms, mostly within 2x.
 GIL_SWITCH_INTERVAL = 0.001
 
 

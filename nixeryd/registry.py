@@ -20,6 +20,8 @@ from urllib.parse import urlencode
 
 from klein import Klein
 from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import IResource, Resource
@@ -56,6 +58,11 @@ from nixeryd.sources import PackageSource
 from nixeryd.storage import SMALL_BLOB_SIZE, BlobInfo, Redirect, Storage
 
 API_VERSION = b"registry/2.0"
+
+#: Seconds between comment lines on a build's event stream while the build runs. Nix can
+#: print nothing for minutes (a long compile, a link step) and a proxy in front cuts a
+#: response silent for a minute (nginx's proxy_read_timeout); EventSource ignores comments.
+EVENT_STREAM_HEARTBEAT = 15.0
 
 # The spec's digest grammar; only sha256 is stored, other algorithms are simply unknown.
 _DIGEST = re.compile(r"^[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[a-zA-Z0-9=_-]+$")
@@ -100,13 +107,20 @@ class RegistryApp:
         build_limit: ClientBuckets | None = None,
         source_description: str = "",
         search: PackageSearch | None = None,
+        clock: IReactorTime | None = None,
     ) -> None:
         """``gate`` is the site's authentication policy; None: no authentication.
         ``metrics_page`` is served at ``/metrics``; None: not here (another listener
         serves it, or nothing does). ``build_limit`` rations each client's requests
         for tags not yet served (see :mod:`nixeryd.ratelimit`); None: no limit.
         ``source_description`` names the package set on the index page; ``search``
-        answers the package search page (None: no search)."""
+        answers the package search page (None: no search). ``clock`` times the event
+        streams' heartbeats (the global reactor when not given)."""
+        if clock is None:
+            from twisted.internet import reactor as global_reactor
+
+            clock = cast(IReactorTime, global_reactor)
+        self._clock = clock
         self._source_description = source_description
         self._search = search
         self._images = images
@@ -260,8 +274,20 @@ class RegistryApp:
             elif not request._disconnected:
                 request.write(web.event_stream_entry("line", line.as_json(), line.number))
 
+        def heartbeat() -> None:
+            if not request._disconnected:
+                request.write(b": still building\n\n")
+
+        beating = LoopingCall(heartbeat)
+        beating.clock = self._clock
+        beating.start(EVENT_STREAM_HEARTBEAT, now=False)
         stop = build.listen(sent)
-        request.notifyFinish().addBoth(lambda _: stop())
+
+        def ended(_: object) -> None:
+            stop()
+            beating.stop()
+
+        request.notifyFinish().addBoth(ended)
         return NOT_DONE_YET
 
     @app.route("/errors/<int:number>/log", methods=["GET", "HEAD"])

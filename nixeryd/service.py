@@ -225,6 +225,7 @@ def make_registry(
         build_limit=build_limit,
         source_description=describe_source(config),
         search=PackageSearch(nix, source, config.platforms[0], reactor),
+        clock=reactor,
     )
 
 

@@ -4,12 +4,16 @@ expectation fake standing in for Nix (the browser tests are tests/e2e/test_brows
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
+from twisted.web.server import NOT_DONE_YET
+from twisted.web.test.requesthelper import DummyRequest
 
 from nixeryd import builds
 from nixeryd.builds import BuildHub, LogLine
 from nixeryd.metrics import route_of
+from nixeryd.registry import EVENT_STREAM_HEARTBEAT
 from nixeryd.testing.harness import FakeNix, RegistryFactory, building, header
 from nixeryd.testing.processes import Expect
 
@@ -180,3 +184,29 @@ def test_the_package_search_evaluates_once_per_query(
 )
 def test_pages_have_routes_of_their_own(path: bytes, route: str) -> None:
     assert route_of(path) == route
+
+
+def test_a_running_build_s_event_stream_has_a_heartbeat_until_the_build_ends(
+    registry_with: RegistryFactory,
+) -> None:
+    # A proxy cuts a response silent for a minute (nginx's proxy_read_timeout), and Nix may
+    # print nothing for longer: comment lines keep the stream open while the build runs.
+    harness = registry_with()
+    app = harness.registry
+    hub = app._builder.builds
+    build = hub.start("linux/amd64:hello", "latest", "linux/amd64")
+    request = DummyRequest([b""])
+    request._disconnected = False
+    assert app.build_events(request, build.id) is NOT_DONE_YET
+    harness.daemon_clock.pump([EVENT_STREAM_HEARTBEAT] * 2)
+    hub.line("linux/amd64:hello", "build", "compiling")
+    assert b"".join(request.written).count(b": still building\n\n") == 2
+    assert _heartbeats(harness), "a heartbeat is due while the build runs"
+    hub.finish(build, "failed", error={"code": "MANIFEST_UNKNOWN", "message": "no"})
+    assert request.finished
+    assert b"".join(request.written).split(b"\n\n")[-2].startswith(b"event: result")
+    assert _heartbeats(harness) == [], "the heartbeat stopped with the build"
+
+
+def _heartbeats(harness: Any) -> list[Any]:
+    return [call for call in harness.daemon_clock.getDelayedCalls() if "heartbeat" in repr(call)]

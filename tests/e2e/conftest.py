@@ -8,6 +8,7 @@ the Nix that built the image.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -18,6 +19,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -63,6 +65,24 @@ def nix_installation(request: pytest.FixtureRequest) -> Iterator[NixInstallation
 def nix_env(**extra: str) -> dict[str, str]:
     """The environment for Nix here: no binary cache to wait for (there is no internet)."""
     return {**os.environ, "NIX_CONFIG": "substituters =", **extra}
+
+
+def run_benchmark(module: str, tmp_path: Path, *arguments: str) -> tuple[str, Any]:
+    """Run ``benchmarks.<module>`` as its launcher does (a module, from the root) with a work
+    directory and a JSON report under ``tmp_path``: what it printed and the report. It must
+    succeed; its output is the failure's message otherwise."""
+    report = tmp_path / "report.json"
+    files = ["--workdir", str(tmp_path / "work"), "--json", str(report)]
+    completed = subprocess.run(
+        [sys.executable, "-m", f"benchmarks.{module}", *arguments, *files],
+        env=nix_env(),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    return completed.stdout, json.loads(report.read_text())
 
 
 def free_port() -> int:

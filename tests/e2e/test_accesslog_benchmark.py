@@ -6,15 +6,12 @@ request, not how fast anything is (the benchmark measures that; nothing is asser
 
 from __future__ import annotations
 
-import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import ROOT, nix_env
+from tests.e2e.conftest import run_benchmark
 
 pytestmark = pytest.mark.e2e
 
@@ -22,19 +19,8 @@ pytestmark = pytest.mark.e2e
 def test_the_access_log_benchmark_runs(tmp_path: Path) -> None:
     if shutil.which("wrk") is None:
         pytest.skip("wrk is not installed (benchmarks/accesslog installs it)")
-    results = tmp_path / "results.json"
-    argv = [sys.executable, "-m", "benchmarks.accesslog", "--seconds", "1"]
-    completed = subprocess.run(
-        [*argv, "--repeats", "1", "--workdir", str(tmp_path / "work"), "--json", str(results)],
-        env=nix_env(),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert completed.returncode == 0, completed.stdout + completed.stderr
-    assert "| twisted |" in completed.stdout and "cheaper" in completed.stdout
-    measured = json.loads(results.read_text())
+    stdout, measured = run_benchmark("accesslog", tmp_path, "--seconds", "1", "--repeats", "1")
+    assert "| twisted |" in stdout and "cheaper" in stdout
     assert set(measured["rps"]) == {"off", "twisted", "nixeryd", "nixeryd, json"}
     assert measured["lines"]["off"] == 0
     for writer in ("twisted", "nixeryd", "nixeryd, json"):

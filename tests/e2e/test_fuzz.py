@@ -8,14 +8,11 @@ fixed, so a failure reproduces with ``benchmarks/fuzz --count 2000``.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import ROOT, nix_env
+from tests.e2e.conftest import run_benchmark
 from tests.nixinstalls import NixInstallation
 
 pytestmark = pytest.mark.e2e
@@ -24,28 +21,7 @@ pytestmark = pytest.mark.e2e
 def test_fuzzed_requests_get_no_5xx_traceback_outside_read_or_hang(
     tmp_path: Path, nix_installation: NixInstallation | None
 ) -> None:
-    figures_path = tmp_path / "figures.json"
-    completed = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks.fuzz",
-            "--count",
-            "2000",
-            "--workdir",
-            str(tmp_path / "work"),
-            "--json",
-            str(figures_path),
-        ],
-        env=nix_env(),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert completed.returncode == 0, completed.stdout + completed.stderr
-    figures = json.loads(figures_path.read_text())
-    report = completed.stdout
+    report, figures = run_benchmark("fuzz", tmp_path, "--count", "2000")
     assert figures["requests"] > 2000, report  # pipelines send several per connection
     assert figures["5xx"] == 0, report
     assert figures["tracebacks"] == 0, report + (tmp_path / "work" / "nixeryd.log").read_text()

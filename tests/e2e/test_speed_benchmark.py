@@ -8,15 +8,12 @@ a part whose tools are missing is skipped.
 
 from __future__ import annotations
 
-import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import ROOT, nix_env
+from tests.e2e.conftest import run_benchmark
 
 pytestmark = pytest.mark.e2e
 
@@ -28,20 +25,9 @@ def test_the_speed_benchmark_runs_on_a_tiny_package_set(tmp_path: Path) -> None:
         skip += ["--skip", "serving", "--skip", "memory"]
     if len(skip) == 6:
         pytest.skip("the benchmark's reference tools are not installed (benchmarks/speed does)")
-    results = tmp_path / "results.json"
-    argv = [sys.executable, "-m", "benchmarks.speed", "--scale", "tiny"]
-    completed = subprocess.run(
-        [*argv, "--workdir", str(tmp_path / "work"), "--json", str(results), *skip],
-        env=nix_env(),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert completed.returncode == 0, completed.stdout + completed.stderr
-    report = json.loads(results.read_text())
+    stdout, report = run_benchmark("speed", tmp_path, "--scale", "tiny", *skip)
     if "pipeline" not in skip:
-        assert "## Layer pipeline" in completed.stdout
+        assert "## Layer pipeline" in stdout
         assert report["pipeline"]["nixeryd"]["layers"] > 0
         assert report["pipeline"]["nixeryd"]["compression"] == "isal-2"
     if "serving" not in skip:

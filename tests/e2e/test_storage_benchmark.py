@@ -10,15 +10,13 @@ tools are missing is skipped.
 from __future__ import annotations
 
 import importlib.util
-import json
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import ROOT, nix_env
+from tests.e2e.conftest import run_benchmark
 
 pytestmark = pytest.mark.e2e
 
@@ -31,26 +29,15 @@ def test_the_storage_benchmark_runs_at_its_tiny_scale(tmp_path: Path) -> None:
         skip += ["--skip", "redirects"]
     if importlib.util.find_spec("s3transfer") is None:
         skip += ["--skip", "upload"]
-    results = tmp_path / "results.json"
-    argv = [sys.executable, "-m", "benchmarks.storage", "--scale", "tiny"]
-    completed = subprocess.run(
-        [*argv, "--workdir", str(tmp_path / "work"), "--json", str(results), *skip],
-        env=nix_env(),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert completed.returncode == 0, completed.stdout + completed.stderr
-    report = json.loads(results.read_text())
-    assert "## Signing" in completed.stdout
+    stdout, report = run_benchmark("storage", tmp_path, "--scale", "tiny", *skip)
+    assert "## Signing" in stdout
     assert report["signing"]["s3"]["us"] > 0
     assert report["signing"]["gcs-ref"]["us"] > 0
     if "redirects" not in skip:
-        assert "## Redirects" in completed.stdout
+        assert "## Redirects" in stdout
         assert report["redirects"]["nixeryd, answered from memory"]["rps"] > 0
         assert report["redirects"]["docker-registry (s3 driver)"]["rps"] > 0
     if "upload" not in skip:
-        assert "## Layer upload" in completed.stdout
+        assert "## Layer upload" in stdout
         assert report["upload"]["nixeryd, one PUT"]["mbps"] > 0
         assert report["upload"]["nixeryd, one PUT"]["rss_growth_mb"] < 64

@@ -77,12 +77,7 @@ def test_an_oci_layout_runs_and_holds_the_daemons_layers(daemon: Daemon, tmp_pat
     log = built("shell/hello", "-o", f"oci:{layout}", tmp_path=tmp_path)
     assert "evaluation done" in log and f"to oci:{layout}" in log  # progress on stderr
 
-    run = subprocess.run(
-        ["umoci", "unpack", "--image", f"{layout}:latest", str(tmp_path / "bundle")],
-        capture_output=True, timeout=120,
-    )  # fmt: skip
-    assert run.returncode == 0, run.stderr
-    assert in_chroot(tmp_path / "bundle" / "rootfs", "/bin/hello") == GREETING
+    assert hello_in_unpacked(layout, tmp_path / "bundle") == GREETING
 
     # The daemon builds on storage of its own: the same manifest, byte for byte.
     digest, manifest = layout_manifest(layout)
@@ -158,12 +153,7 @@ def test_layers_are_read_from_s3_through_its_redirects(
     built("shell/hello", "-o", f"oci:{layout}", tmp_path=tmp_path, **environment)
     _, manifest = layout_manifest(layout)
     assert digests(manifest) == digests(served_manifest(daemon, "shell/hello")[1])
-    run = subprocess.run(
-        ["umoci", "unpack", "--image", f"{layout}:latest", str(tmp_path / "bundle")],
-        capture_output=True, timeout=120,
-    )  # fmt: skip
-    assert run.returncode == 0, run.stderr
-    assert in_chroot(tmp_path / "bundle" / "rootfs", "/bin/hello") == GREETING
+    assert hello_in_unpacked(layout, tmp_path / "bundle") == GREETING
 
 
 def archive_manifest(archive: Path) -> dict[str, Any]:
@@ -285,3 +275,13 @@ def test_an_output_that_cannot_be_written_exits_1(tmp_path: Path) -> None:
     assert result.returncode == 1, result.stderr
     assert "nixeryd build: " in result.stderr and str(blocker) in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def hello_in_unpacked(layout: Path, bundle: Path) -> str:
+    """What hello prints in a chroot of the layout's image, unpacked by umoci."""
+    run = subprocess.run(
+        ["umoci", "unpack", "--image", f"{layout}:latest", str(bundle)],
+        capture_output=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    return in_chroot(bundle / "rootfs", "/bin/hello")

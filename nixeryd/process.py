@@ -10,18 +10,20 @@ whole image's build) stops the command it is waiting for, and
 :meth:`ReactorProcessRunner.stop` kills every command still running when the
 daemon stops.
 
-A command is started in a worker thread, not on the reactor thread:
-``posix_spawn`` returns only once the child has exec'd, and on two busy cores
-the child may wait milliseconds for a CPU first. Spawned by the reactor, each
-of an image's three Nix commands stopped every cached answer for that long
-(1-6 ms each, 150 of them in a flood of 50 new images: the cached p99 went to
-4-25x of idle). The thread hands the child's pid and pipes to the reactor,
-which reads and reaps it as twisted.web's own processes
-(:class:`_SpawnedProcess`). The command is exec'd directly, a session leader
-through ``posix_spawn``'s own flag, and its CPU priority lowered by pid once it
-runs: a Python wrapper that did both in the child cost each command a Python
-start-up at full priority, on the cores the daemon answers from, and held the
-spawning thread's GIL while it exec'd.
+A command is started in a worker thread, not on the reactor thread: a spawn
+returns only once the child has exec'd, and on two busy cores the child may
+wait milliseconds for a CPU first. Spawned by the reactor, each of an image's
+three Nix commands stopped every cached answer for that long (1-6 ms each, 150
+of them in a flood of 50 new images: the cached p99 went to 4-25x of idle).
+The thread hands the child's pid and pipes to the reactor, which reads and
+reaps it as twisted.web's own processes (:class:`_SpawnedProcess`). The thread
+spawns with :class:`subprocess.Popen`, which lets go of the GIL while the
+child execs; ``os.posix_spawn`` holds it throughout, and stopped the reactor
+thread for a millisecond or more about a dozen times a second in that flood.
+The command is exec'd directly, a session leader, and its CPU priority
+lowered by pid once it runs: a Python wrapper that did both in the child cost
+each command a Python start-up at full priority, on the cores the daemon
+answers from.
 
 A process group is not enough: Nix starts each builder in a session of its
 own (under a ``nixbld`` user), so killing nix-store's group left the builder
@@ -55,6 +57,7 @@ import os
 import re
 import shutil
 import signal
+import subprocess
 import threading
 import time
 from collections import deque
@@ -437,10 +440,9 @@ def _spawn_child(argv: Sequence[str], env: Mapping[str, str]) -> _Child:
 
     The session makes the command and everything it starts one process group,
     killed as a whole. The program is looked up on ``env``'s ``PATH``, as the
-    child's own exec would. Python opens every descriptor close-on-exec, so the
-    child gets its three pipes and nothing else; signals the daemon ignores
-    (SIGPIPE) are reset, as twisted's spawnProcess does. Raises OSError when the
-    program cannot be run.
+    child's own exec would. The child gets its three pipes and no other
+    descriptor, and SIGPIPE (which the daemon ignores) at its default, as
+    twisted's spawnProcess does. Raises OSError when the program cannot be run.
     """
     program = shutil.which(argv[0], path=env.get("PATH", os.defpath))
     if program is None:
@@ -452,29 +454,33 @@ def _spawn_child(argv: Sequence[str], env: Mapping[str, str]) -> _Child:
         stdin_read, stdin_write = _pipe(ends)
         stdout_read, stdout_write = _pipe(ends)
         stderr_read, stderr_write = _pipe(ends)
-        ignored = [
-            number for number in range(1, signal.NSIG) if signal.getsignal(number) == signal.SIG_IGN
-        ]
-        pid = os.posix_spawn(
-            program,
+        child = subprocess.Popen(
             list(argv),
-            env,
-            file_actions=[
-                (os.POSIX_SPAWN_DUP2, stdin_read, 0),
-                (os.POSIX_SPAWN_DUP2, stdout_write, 1),
-                (os.POSIX_SPAWN_DUP2, stderr_write, 2),
-            ],
-            setsigdef=ignored,
-            setsid=True,
+            executable=program,
+            env=env,
+            stdin=stdin_read,
+            stdout=stdout_write,
+            stderr=stderr_write,
+            start_new_session=True,
         )
     except BaseException:
         for end in ends:
             os.close(end)
         raise
+    _leave_to_reactor(child)
     for end in (stdin_read, stdout_write, stderr_write):
         os.close(end)
-    _lower_priority(pid)
-    return _Child(pid, stdin_write, stdout_read, stderr_read)
+    _lower_priority(child.pid)
+    return _Child(child.pid, stdin_write, stdout_read, stderr_read)
+
+
+def _leave_to_reactor(child: subprocess.Popen[bytes]) -> None:
+    """Keep :mod:`subprocess` from ever waiting for ``child``: the reactor reaps it, by
+    pid. A Popen whose exit status is unknown polls for it with ``waitpid`` when it is
+    collected, and again from every later Popen, and would take the status the reactor
+    is waiting for; one that holds a status never polls. The status it holds is never
+    read: the reactor's is the command's."""
+    child.returncode = 0
 
 
 def _lower_priority(pid: int) -> None:

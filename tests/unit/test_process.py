@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import subprocess
@@ -163,7 +164,7 @@ class _RecordingPool:
 
 @pytest_twisted.inlineCallbacks
 def test_commands_are_spawned_off_the_reactor_thread_in_a_session_of_their_own() -> Any:
-    # posix_spawn returns once the child has exec'd; on the reactor thread each spawn
+    # A spawn returns once the child has exec'd; on the reactor thread each spawn
     # stalled every cached answer for that long on busy cores.
     pool = _RecordingPool()
     script = (
@@ -179,6 +180,24 @@ def test_commands_are_spawned_off_the_reactor_thread_in_a_session_of_their_own()
     assert result.exit_code == 0
     assert result.stdout == b"True\n"
     assert lines == ["True"]
+
+
+@pytest_twisted.inlineCallbacks
+def test_the_exit_status_is_the_reactors_even_when_subprocess_runs_meanwhile() -> Any:
+    # Spawned with subprocess.Popen but reaped by the reactor: a later Popen (which polls
+    # every Popen it has not reaped) or a collected one must not take the status first:
+    # the command would never end.
+    running = ReactorProcessRunner(reactor).run(
+        [sys.executable, "-c", "import sys, time; time.sleep(0.3); sys.exit(7)"],
+        timeout=10,
+        on_stderr_line=lambda line: None,
+    )
+    yield deferLater(reactor, 0.1, lambda: None)  # spawned by now
+    gc.collect()
+    time.sleep(0.6)  # exits while the reactor, which would reap it, is held up here
+    subprocess.run(["true"], check=True)
+    result: ProcessResult = yield running
+    assert result.exit_code == 7
 
 
 @pytest_twisted.inlineCallbacks

@@ -486,10 +486,22 @@ def _leave_to_reactor(child: subprocess.Popen[bytes]) -> None:
 def _lower_priority(pid: int) -> None:
     """Make ``pid`` :data:`NICENESS` nicer than the daemon, right after it exec'd: what
     it starts later (builders, a build hook) inherits it. It may have exited already; a
-    sandbox that forbids it costs the priority, not the command."""
+    sandbox that forbids it costs the priority, not the command.
+
+    Where the kernel groups tasks by session (``CONFIG_SCHED_AUTOGROUP``, on outside a
+    CPU-controlled cgroup), a task's nice weighs only against its own session's, and
+    each session shares the CPU equally: the command, a session leader, would take as
+    much as the whole daemon. Its session's nice is raised too; in a systemd service's
+    cgroup the kernel ignores it, and an unprivileged daemon may be refused (the kernel
+    allows ten changes a second), which only costs the priority."""
     target = min(19, os.getpriority(os.PRIO_PROCESS, 0) + NICENESS)
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.setpriority(os.PRIO_PROCESS, pid, target)
+    with contextlib.suppress(OSError):
+        # Written only for a session of the command's own: the daemon's must keep its nice.
+        if os.getsid(pid) == pid:
+            with open(f"/proc/{pid}/autogroup", "w") as autogroup:
+                autogroup.write(str(target))
 
 
 def _pipe(opened: list[int]) -> tuple[int, int]:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -221,19 +222,27 @@ def test_a_command_cancelled_while_it_is_spawned_is_killed() -> Any:
 @pytest_twisted.inlineCallbacks
 def test_commands_run_nicer_than_the_daemon_and_what_they_start_inherits_it() -> Any:
     # Exec'd directly (no wrapper that lowers the priority in the child), so it is lowered
-    # by pid right after the spawn; what the command starts later is nicer too.
+    # by pid right after the spawn; what the command starts later is nicer too. Where the
+    # kernel schedules by session (autogroup), the command's session is nicer as well,
+    # and the daemon's own is left as it was.
+    autogroup = Path("/proc/self/autogroup")
     script = (
-        "import os, subprocess, sys, time\n"
+        "import os, pathlib, subprocess, sys, time\n"
         "time.sleep(0.2)\n"
+        "autogroup = pathlib.Path('/proc/self/autogroup')\n"
         "print(os.getsid(0) == os.getpid(), os.nice(0))\n"
+        "print(autogroup.read_text().split()[-1] if autogroup.exists() else 'none')\n"
         "sys.stdout.flush()\n"
         "subprocess.run([sys.executable, '-c', 'import os; print(os.nice(0))'])\n"
     )
+    daemons_session = autogroup.read_text() if autogroup.exists() else "none"
     result: ProcessResult = yield ReactorProcessRunner(reactor).run(
         [sys.executable, "-c", script], timeout=10, on_stderr_line=lambda line: None
     )
     nicer = min(19, os.nice(0) + NICENESS)
-    assert result.stdout.decode().split() == ["True", str(nicer), str(nicer)]
+    sessions_nice = str(nicer) if autogroup.exists() else "none"
+    assert result.stdout.decode().split() == ["True", str(nicer), sessions_nice, str(nicer)]
+    assert (autogroup.read_text() if autogroup.exists() else "none") == daemons_session
 
 
 @pytest_twisted.inlineCallbacks

@@ -24,7 +24,7 @@ from nixeryd.manifest import LayerDescriptor, layer_media_type
 from nixeryd.metrics import Metrics
 from nixeryd.runtime import ThreadRunner
 from nixeryd.singleflight import SingleFlight
-from nixeryd.storage import Storage
+from nixeryd.storage import StagedBlob, Storage
 from nixeryd.tarball import LayerDigests, write_store_layer, write_tree_layer
 
 
@@ -95,14 +95,30 @@ class LayerStore:
                 self._metrics.cache("layer_record", hit=True)
                 return cached
         self._metrics.cache("layer_record", hit=False)
-        staged = self._storage.stage_blob()
-        try:
-            digests: LayerDigests = yield self._write_in_thread(lambda: write(staged.file))
-        except BaseException:
-            staged.discard()
-            raise
+        staged, digests = yield self._staged_and_written(write)
         info = yield staged.commit(digests.digest, layer_media_type(self._compression.format))
         descriptor = LayerDescriptor(digest=info.digest, size=info.size, diff_id=digests.diff_id)
         self._metrics.layer_written(self._compression.compressor, info.size)
         yield self._storage.put_record(record_name, json.dumps(descriptor.__dict__).encode())
         return descriptor
+
+    def _staged_and_written(
+        self, write: Callable[[IO[bytes]], LayerDigests]
+    ) -> Deferred[tuple[StagedBlob, LayerDigests]]:
+        """A new staged blob with the layer written to it, both in a write thread.
+
+        Staging creates a file (or a temporary one, for object storage): on the
+        reactor thread, its system calls would each give up the GIL and wait for it
+        again while the write threads hold it, delaying the cached answers queued
+        behind. Nothing cancels the write (callers wait through :class:`SingleFlight`,
+        whose work runs on), so the blob is thrown away only when the write fails."""
+
+        def stage_and_write() -> tuple[StagedBlob, LayerDigests]:
+            staged = self._storage.stage_blob()
+            try:
+                return staged, write(staged.file)
+            except BaseException:
+                staged.discard()
+                raise
+
+        return self._write_in_thread(stage_and_write)

@@ -187,7 +187,8 @@ class Storage(Protocol):
         ...
 
     def stage_blob(self) -> StagedBlob:
-        """Open a new staged blob to be written by a worker thread."""
+        """Open a new staged blob. Called in the worker thread that then writes it,
+        so it may block (create a file) and must not touch the reactor."""
         ...
 
     def put_blob(self, data: bytes, media_type: str) -> Deferred[BlobInfo]:

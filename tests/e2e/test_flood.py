@@ -14,6 +14,7 @@ Run alone, for the figures: ``pytest -s tests/e2e/test_flood.py -k nix-2.8``.
 from __future__ import annotations
 
 import http.client
+import os
 import subprocess
 import sys
 import threading
@@ -33,9 +34,11 @@ IMAGES = 50
 NIX_JOBS = 2
 #: Seconds of cached GETs timed, idle and from the flood's start (it lasts 3-8 s).
 TIMED_SECONDS = 2.0
-#: The p99 allowed over 2x of idle: scheduling noise from other work on 2 shared cores,
-#: which moves the idle p99 alone between 0.2 and 4 ms from one 2 s window to the next.
-NOISE_FLOOR = 0.005
+#: The p99 allowed over 2x of idle: the idle p99 moves between 0.3 and 0.6 ms from one
+#: 2 s window to the next on a quiet machine (more beside other work on 2 shared cores),
+#: and the flood's between 0.45 and 0.85 ms (1.1-2.9 ms when the reactor spawned Nix
+#: itself; benchmarks/README.md has the history).
+NOISE_FLOOR = 0.001
 NIX_PROGRAMS = ("nix-store", "nix-instantiate", "nix")
 
 
@@ -153,6 +156,10 @@ def test_a_flood_of_new_images_keeps_nix_bounded_and_cached_answers_fast(tmp_pat
         flooding = True
 
         def sample() -> None:
+            # Each look reads every process's stat, a millisecond of CPU on a busy
+            # machine, a hundred times a second: at the lowest priority, so that the
+            # count does not take the CPU from the daemon it measures.
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
             nonlocal most
             while flooding:
                 most = max(most, _nix_running(daemon.process.pid))
